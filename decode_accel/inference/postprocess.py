@@ -1,0 +1,385 @@
+"""Post-processing: per-pixel model output maps -> localization table (nm).
+
+The network predicts, for every pixel, a detection probability p and the features of the emitter
+that pixel would stand for (sub-pixel offsets dx, dy from the pixel centre, z, photons, sigmas,
+...). One emitter usually lights up a small blob of pixels, whose p add up to about 1, and each
+pixel of the blob predicts (nearly) the same absolute position. Post-processing turns the blobs
+into one row each:
+
+1. **Candidates.** Local maxima of p in their 3x3 neighbourhood (exact ties go to the first pixel
+   in raster order, so a blob split evenly over two pixels gives one candidate), plus *split*
+   candidates: pixels that are not local maxima but have p > ``split_threshold`` (a second emitter
+   in an adjacent pixel, as in DECODE's spatial integration). A split candidate whose predicted
+   position lies within ``merge_radius_px`` of the prediction of an adjacent local maximum (or of
+   a more probable adjacent split candidate) is the same emitter and is demoted to a blob pixel.
+2. **Aggregation.** Every other pixel is assigned to the most probable candidate among its 8
+   neighbours *whose predicted position agrees with its own* (distance < ``merge_radius_px``).
+   A candidate's probability is the sum of its own p and the p of its pixels (clamped to 1), and its
+   features are the **p-weighted average** over those pixels.
+   Why this rather than DECODE's plus-shaped sum plus look-up at the maximum: (a) an emitter at a
+   pixel corner spreads over a 2x2 block, and the plus shape misses the diagonal pixel; the
+   position check makes the full 3x3 neighbourhood safe, because pixels that predict a different
+   emitter are never merged; (b) each blob pixel makes its own estimate of the same emitter; the
+   p-weighted mean uses them all instead of trusting the maximum alone, and for an emitter on a
+   pixel border (two pixels of similar p) it does not jump with whichever pixel wins by a hair;
+   (c) a pixel next to two detections gives its p to one of them only, so probability is not
+   counted twice.
+3. **Threshold.** Keep candidates whose aggregated p >= ``threshold``.
+4. **Units.** x = (j + 0.5 + dx) * px, y = (i + 0.5 + dy) * px (pixel centres, image origin at the
+   top-left corner), plus ``roi_offset`` (row, col) in px for tiles; sigmas in nm; bg summed over
+   channels (photons/px).
+5. **Colour** (two-channel, with a dye table): posterior of each dye d given the predicted ratio r,
+   P(d | r) ∝ prior_d * N(r; ratio_d, ratio_sigma^2 + ratio_sd_d^2); ``color`` = argmax,
+   ``color_prob`` = its posterior; ``color`` = -1 when the posterior is below ``min_color_prob``.
+
+Everything is vectorized in torch and runs on the device of the maps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from decode_accel.config_base import StrictModel
+from decode_accel.errors import DecodeAccelError
+
+# The 3x3 neighbourhood (row, col) offsets, the pixel itself first; and the 4 neighbours before a pixel in
+# raster order (for tie-breaking).
+_OFFSETS = [(0, 0)] + [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+_EARLIER = [(-1, -1), (-1, 0), (-1, 1), (0, -1)]
+
+# Per-pixel maps averaged over a blob -> output column, and the factor that converts them to table units
+# ("px" = multiply by the pixel size). Positions, z, photons and bg are handled separately.
+_FEATURES = {
+    "dx_sigma": ("x_sigma", "px"),
+    "dy_sigma": ("y_sigma", "px"),
+    "z_sigma": ("z_sigma", None),
+    "photons_sigma": ("photons_sigma", None),
+    "photons_ch1": ("photons_ch1", None),
+    "photons_ch2": ("photons_ch2", None),
+    "ratio": ("ratio", None),
+    "ratio_sigma": ("ratio_sigma", None),
+}
+
+
+class Dye(StrictModel):
+    """One dye of a two-channel experiment: where its ratio sits and how widely it spreads."""
+
+    name: str = Field("dye", description="dye name (free text)")
+    ratio: float = Field(0.5, description="mean fraction of the dye's photons in channel 1 (0-1)")
+    ratio_sd: float = Field(0.05, description="spread of the dye's ratio between molecules (1-sigma, 0-1)")
+    prob: float = Field(1.0, description="prior probability (relative abundance, >= 0; normalized over dyes)")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_unit_interval(cls, v):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError("ratio must lie in [0, 1]")
+        return v
+
+    @field_validator("ratio_sd")
+    @classmethod
+    def _sd_non_negative(cls, v):
+        if not (v >= 0.0 and math.isfinite(v)):
+            raise ValueError("ratio_sd must be finite and >= 0")
+        return v
+
+    @field_validator("prob")
+    @classmethod
+    def _prob_non_negative(cls, v):
+        if not (v >= 0.0 and math.isfinite(v)):
+            raise ValueError("prob must be finite and >= 0")
+        return v
+
+
+class PostProcessConfig(StrictModel):
+    """Settings of :class:`PostProcessor`."""
+
+    threshold: float = Field(0.3, description="minimum aggregated detection probability of a localization (0-1]")
+    split_threshold: float = Field(0.6, description="p above which a non-maximum pixel is a second emitter (0-1]")
+    merge_radius_px: float = Field(0.75, description="pixels whose predicted positions are closer than this "
+                                                     "belong to the same emitter (px)")
+    min_color_prob: float = Field(0.0, description="posterior below which the colour is left unassigned (-1) (0-1)")
+    dyes: list[Dye] | None = Field(None, description="dye table for colour assignment (two-channel only)")
+
+    @field_validator("threshold", "split_threshold")
+    @classmethod
+    def _prob_range(cls, v):
+        if not (0.0 < v <= 1.0):
+            raise ValueError("must lie in (0, 1]")
+        return v
+
+    @field_validator("merge_radius_px")
+    @classmethod
+    def _radius(cls, v):
+        if not (0.0 <= v <= 3.0):
+            raise ValueError("must lie in [0, 3] px")
+        return v
+
+    @field_validator("min_color_prob")
+    @classmethod
+    def _min_color(cls, v):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError("must lie in [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _dyes_not_empty(self):
+        if self.dyes is not None and len(self.dyes) == 0:
+            raise ValueError("dyes must list at least one dye (or be null)")
+        return self
+
+
+#: other spellings of the dye fields (the simulation config's names).
+_DYE_ALIASES = {"ratio_mean": "ratio", "probability": "prob"}
+
+
+def as_dyes(dye_table: Any) -> list[Dye] | None:
+    """A dye table as a list of :class:`Dye`.
+
+    Accepts a list of Dye / dicts, or a DataFrame with columns ratio, ratio_sd[, prob, name];
+    ``ratio_mean`` and ``probability`` are accepted for ratio and prob.
+    """
+    if dye_table is None:
+        return None
+    if isinstance(dye_table, pd.DataFrame):
+        dye_table = dye_table.to_dict("records")
+
+    def one(d):
+        if isinstance(d, Dye):
+            return d
+        if hasattr(d, "model_dump"):  # another pydantic model, e.g. the simulation's dye config
+            d = d.model_dump()
+        return Dye(**{_DYE_ALIASES.get(k, k): v for k, v in dict(d).items()})
+
+    try:
+        dyes = [one(d) for d in dye_table]
+    except Exception as exc:  # pydantic ValidationError or a non-mapping row
+        raise DecodeAccelError(f"invalid dye table ({str(exc).splitlines()[0]})", field="dye_table",
+                               fix="give rows with ratio (0-1), ratio_sd (>= 0) and optional prob, name") from None
+    if not dyes:
+        raise DecodeAccelError("the dye table is empty", field="dye_table", fix="list at least one dye")
+    if sum(d.prob for d in dyes) <= 0:
+        raise DecodeAccelError("dye probabilities sum to 0", field="dye_table", fix="give one dye a prob > 0")
+    return dyes
+
+
+def _shift(t: torch.Tensor, di: int, dj: int) -> torch.Tensor:
+    """out[..., i + di, j + dj] = t[..., i, j]; zero where nothing arrives (no wrap-around)."""
+    h, w = t.shape[-2:]
+    out = torch.zeros_like(t)
+    out[..., max(di, 0):h + min(di, 0), max(dj, 0):w + min(dj, 0)] = \
+        t[..., max(-di, 0):h + min(-di, 0), max(-dj, 0):w + min(-dj, 0)]
+    return out
+
+
+def _neighbour(t: torch.Tensor, di: int, dj: int) -> torch.Tensor:
+    """Value of the neighbour at offset (di, dj) of every pixel (zero outside the image)."""
+    return _shift(t, -di, -dj)
+
+
+def color_posterior(ratio: torch.Tensor, ratio_sigma: torch.Tensor | None, dyes: Sequence[Dye]) -> torch.Tensor:
+    """Posterior probability of each dye given predicted ratios: (n,) -> (n, n_dyes).
+
+    P(d | r) ∝ prior_d * N(r; ratio_d, ratio_sigma^2 + ratio_sd_d^2).
+    """
+    r = ratio.to(torch.float64)
+    mu = torch.tensor([d.ratio for d in dyes], dtype=torch.float64, device=r.device)
+    sd = torch.tensor([d.ratio_sd for d in dyes], dtype=torch.float64, device=r.device)
+    prior = torch.tensor([d.prob for d in dyes], dtype=torch.float64, device=r.device)
+    prior = prior / prior.sum()
+    rs2 = torch.zeros_like(r) if ratio_sigma is None else ratio_sigma.to(torch.float64) ** 2
+    var = (rs2[:, None] + sd[None, :] ** 2).clamp_min(1e-12)  # a zero variance would make the density degenerate
+    log_post = -0.5 * (r[:, None] - mu[None, :]) ** 2 / var - 0.5 * torch.log(var) + torch.log(prior)[None, :]
+    return torch.softmax(log_post, dim=1)
+
+
+class PostProcessor:
+    """Turn model output maps into a localization table (see the module docstring for the method).
+
+    Args:
+        threshold: minimum aggregated detection probability (0-1].
+        split_threshold: p above which a pixel next to a local maximum is a second emitter (0-1].
+        merge_radius_px: predictions closer than this belong to the same emitter (px).
+        px_size_nm: pixel size (nm); can be overridden per call.
+        dye_table: dyes for colour assignment (list of :class:`Dye` or dicts, or a DataFrame with
+            columns ratio, ratio_sd, prob, name); None: no colour columns.
+        min_color_prob: posterior below which ``color`` is -1 (unassigned).
+
+    Call: ``post(output, frame_offset=0, px_size=None, roi_offset=(0, 0)) -> DataFrame``.
+    """
+
+    def __init__(self, threshold: float = 0.3, split_threshold: float = 0.6, merge_radius_px: float = 0.75,
+                 px_size_nm: float = 100.0, dye_table: Any = None, min_color_prob: float = 0.0):
+        try:
+            cfg = PostProcessConfig(threshold=threshold, split_threshold=split_threshold,
+                                    merge_radius_px=merge_radius_px, min_color_prob=min_color_prob)
+        except Exception as exc:
+            raise DecodeAccelError(str(exc).replace("\n", " "), field="PostProcessor") from None
+        if not (px_size_nm > 0 and math.isfinite(px_size_nm)):
+            raise DecodeAccelError("pixel size must be > 0 nm", field="px_size_nm")
+        self.threshold = cfg.threshold
+        self.split_threshold = cfg.split_threshold
+        self.merge_radius_px = cfg.merge_radius_px
+        self.min_color_prob = cfg.min_color_prob
+        self.px_size_nm = float(px_size_nm)
+        self.dyes = as_dyes(dye_table)
+
+    @property
+    def dye_table(self) -> list[Dye] | None:
+        """The dyes used for colour assignment (None: single channel)."""
+        return self.dyes
+
+    @classmethod
+    def from_config(cls, cfg: PostProcessConfig, px_size_nm: float = 100.0) -> "PostProcessor":
+        return cls(cfg.threshold, cfg.split_threshold, cfg.merge_radius_px, px_size_nm, cfg.dyes, cfg.min_color_prob)
+
+    # ------------------------------------------------------------------------------------------
+    def _candidates(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense boolean maps (is_max, split) from p alone (B, H, W)."""
+        # p >= each of its 8 neighbours (outside the image counts as 0); 8 comparisons are much faster
+        # than max_pool2d on a CPU.
+        raw_max = p > 0
+        for di, dj in _OFFSETS[1:]:
+            raw_max &= p >= _neighbour(p, di, dj)
+        # Exact ties: keep the first pixel in raster order (an equal maximum before us wins).
+        suppress = torch.zeros_like(raw_max)
+        for di, dj in _EARLIER:
+            suppress |= _neighbour(raw_max, di, dj) & (_neighbour(p, di, dj) == p)
+        is_max = raw_max & ~suppress
+        split = ~is_max & (p > self.split_threshold)
+        return is_max, split
+
+    def locate(self, output: dict[str, torch.Tensor]):
+        """Find and aggregate the emitters of a batch of maps.
+
+        Returns:
+            (b, x, y, p_agg, average): batch index of each localization, its p-weighted position
+            (px, image origin at the top-left corner), its aggregated p, and ``average``, a function
+            that maps a (B, H, W) feature map to the p-weighted mean over each localization's pixels.
+        """
+        p = output["p"].detach().float()
+        bsz, h, w = p.shape
+        dx, dy = output["dx"].detach().float(), output["dy"].detach().float()
+        is_max, split = self._candidates(p)
+        # A local maximum can gather at most 9 pixels of p <= its own; skip hopeless ones early.
+        cand = (is_max & (9 * p >= self.threshold)) | split
+        b, i, j = torch.nonzero(cand, as_tuple=True)
+        off = torch.tensor(_OFFSETS, device=p.device)
+        ii, jj = i[:, None] + off[None, :, 0], j[:, None] + off[None, :, 1]
+        inside = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)
+        ii, jj = ii.clamp(0, h - 1), jj.clamp(0, w - 1)
+        bb = b[:, None].expand_as(ii)
+
+        def gather(m: torch.Tensor) -> torch.Tensor:  # (B, H, W) -> (n, 9) over each candidate's 3x3
+            return m[bb, ii, jj]
+
+        pn = torch.where(inside, gather(p), torch.zeros((), device=p.device))
+        xn = jj + 0.5 + gather(dx)
+        yn = ii + 0.5 + gather(dy)
+        same = inside & (torch.hypot(xn - xn[:, :1], yn - yn[:, :1]) < self.merge_radius_px)
+        same[:, 0] = False
+        # A split candidate that predicts the position of a neighbouring maximum (or of a more probable
+        # split candidate) is that emitter.
+        stronger = gather(is_max) | (gather(split) & (pn > pn[:, :1]))
+        demote = split[b, i, j] & (stronger & same).any(1)
+        keep = ~demote
+        b, i, j, ii, jj, bb, pn, same, xn, yn = (t[keep] for t in (b, i, j, ii, jj, bb, pn, same, xn, yn))
+        det = torch.zeros_like(p, dtype=torch.bool)
+        det[b, i, j] = True
+        # Each other pixel goes to the most probable neighbouring candidate that predicts the same emitter.
+        claim = same & ~det[bb, ii, jj] & (pn > 0)
+        n = len(b)
+        win = torch.zeros_like(claim)
+        if bool(claim.any()):
+            cid, k = torch.nonzero(claim, as_tuple=True)
+            pix = (bb[cid, k] * h + ii[cid, k]) * w + jj[cid, k]
+            order = torch.argsort(-pn[cid, 0], stable=True)
+            order = order[torch.argsort(pix[order], stable=True)]
+            pix_sorted = pix[order]
+            first = torch.ones_like(pix_sorted, dtype=torch.bool)
+            first[1:] = pix_sorted[1:] != pix_sorted[:-1]
+            win[cid[order[first]], k[order[first]]] = True
+        weight = torch.where(win, pn, torch.zeros((), device=p.device))
+        weight[:, 0] = pn[:, 0]
+        p_sum = weight.sum(1)
+        p_agg = p_sum.clamp(max=1.0)
+        kept = p_agg >= self.threshold
+        weight, p_sum, p_agg = weight[kept], p_sum[kept], p_agg[kept]
+        b, i, j, ii, jj, bb, xn, yn = (t[kept] for t in (b, i, j, ii, jj, bb, xn, yn))
+        norm = p_sum.clamp_min(torch.finfo(torch.float32).tiny)
+
+        def average(m: torch.Tensor) -> torch.Tensor:
+            values = m if m.shape == p.shape else m.reshape(bsz, h, w)
+            return (weight * values.detach().float()[bb, ii, jj]).sum(1) / norm
+
+        x_mean = (weight * xn).sum(1) / norm
+        y_mean = (weight * yn).sum(1) / norm
+        return b, x_mean, y_mean, p_agg, average
+
+    def __call__(self, output: dict[str, torch.Tensor], frame_offset: int = 0, px_size: float | None = None,
+                 roi_offset: tuple[float, float] = (0, 0)) -> pd.DataFrame:
+        """Localizations of a batch of output maps.
+
+        Args:
+            output: model output dict (docs/architecture.md): p, dx, dy (B, H, W) required; photons, z,
+                sigmas, bg (B, C, H, W) and the two-channel maps used when present.
+            frame_offset: frame index of batch element 0 (frames are 0-based).
+            px_size: pixel size (nm); default the constructor's.
+            roi_offset: (row, col) of this tile's top-left pixel in the full image (px).
+
+        Returns:
+            DataFrame with frame, x, y, z (nm), photons, id (-1: not linked), prob, and the other
+            table columns the maps provide; sorted by frame, then y, then x.
+        """
+        px = self.px_size_nm if px_size is None else float(px_size)
+        if not (px > 0 and math.isfinite(px)):
+            raise DecodeAccelError("pixel size must be > 0 nm", field="px_size")
+        for key in ("p", "dx", "dy"):
+            if key not in output:
+                raise DecodeAccelError(f"model output lacks the {key!r} map", field=key,
+                                       fix="pass the dict returned by the model's forward()")
+        p = output["p"]
+        if p.dim() != 3:
+            raise DecodeAccelError(f"'p' must have shape (B, H, W), got {tuple(p.shape)}", field="p")
+        bi, x_px, y_px, p_agg, average = self.locate(output)
+        n = len(bi)
+
+        def np64(t: torch.Tensor) -> np.ndarray:
+            return t.double().cpu().numpy()
+
+        data: dict[str, np.ndarray] = {"frame": (bi.cpu().numpy() + int(frame_offset)).astype(np.int64)}
+        data["x"] = (np64(x_px) + float(roi_offset[1])) * px
+        data["y"] = (np64(y_px) + float(roi_offset[0])) * px
+        data["z"] = np64(average(output["z"])) if output.get("z") is not None else np.zeros(n)
+        data["photons"] = np64(average(output["photons"])) if output.get("photons") is not None \
+            else np.full(n, np.nan)
+        data["id"] = np.full(n, -1, dtype=np.int64)
+        data["prob"] = np64(p_agg)
+        if output.get("bg") is not None:
+            bg = output["bg"]
+            data["bg"] = np64(average(bg.sum(1) if bg.dim() == 4 else bg))  # all channels, photons/px
+        for key, (col, unit) in _FEATURES.items():
+            if col not in data and output.get(key) is not None:
+                data[col] = np64(average(output[key])) * (px if unit == "px" else 1.0)
+        if "ratio" not in data and "photons_ch1" in data and "photons_ch2" in data:
+            tot = data["photons_ch1"] + data["photons_ch2"]
+            data["ratio"] = np.divide(data["photons_ch1"], tot, out=np.full_like(tot, np.nan), where=tot > 0)
+        if self.dyes is not None:
+            if "ratio" not in data:
+                raise DecodeAccelError("a dye table needs two-channel output (ratio or photons_ch1/ch2 maps)",
+                                       field="dye_table", fix="drop the dye table for single-channel models")
+            r = torch.as_tensor(data["ratio"])
+            rs = torch.as_tensor(data["ratio_sigma"]) if "ratio_sigma" in data else None
+            post = color_posterior(r, rs, self.dyes) if len(r) else torch.zeros(0, len(self.dyes))
+            cp, color = post.max(dim=1) if len(r) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+            color = torch.where(cp >= self.min_color_prob, color, torch.full_like(color, -1))
+            data["color"] = color.numpy().astype(np.int64)
+            data["color_prob"] = cp.numpy().astype(np.float64)
+        df = pd.DataFrame(data)
+        return df.sort_values(["frame", "y", "x"], kind="stable").reset_index(drop=True)
