@@ -1,0 +1,427 @@
+"""Export folders: a trained network plus everything inference needs, for local use or the Hugging Face Hub.
+
+An export folder is self-contained (nothing of training: no optimizer, no RNG):
+
+    model.safetensors   weights (written by the model's ``save_pretrained``)
+    config.json         constructor arguments of the network, including its input/output Scaling
+    decode_accel.json   format_version, architecture, px_size_nm, frame size, n_channels, camera, psf,
+                        channels and dye table, scaling, the full simulation config, metrics
+    README.md           model card: training data, training summary, accuracy, intended use, how to run
+    assets/             files the simulation config points to (spline PSF calibration, sCMOS maps)
+
+``export_model`` writes it atomically, ``load_exported`` reads a folder or a Hub id back into an
+``ExportedModel``, ``push_to_hub`` uploads a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+import decode_accel
+from decode_accel.errors import DecodeAccelError
+
+EXPORT_FORMAT_VERSION = 1
+METADATA_FILE = "decode_accel.json"
+REQUIRED_FILES = (METADATA_FILE, "config.json", "model.safetensors")
+ASSETS = "assets"
+# simulation-config fields that name files; they are copied into assets/ on export
+_FILE_FIELDS = (("psf", "spline_path"), ("camera", "scmos_offset_map"), ("camera", "scmos_variance_map"),
+                ("camera", "scmos_e_per_adu_map"))
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+__all__ = ["ExportedModel", "export_model", "load_exported", "push_to_hub", "EXPORT_FORMAT_VERSION"]
+
+
+@dataclass
+class ExportedModel:
+    """A network read back from an export folder, with what inference needs to use it correctly.
+
+    Attributes:
+        model: the network, in eval mode.
+        metadata: the contents of decode_accel.json.
+        camera: ``decode_accel.simulation.Camera`` of the training data (``to_photons`` converts ADU).
+        px_size_nm: pixel size in the sample plane (nm).
+        n_channels: camera channels the network reads (1 or 2).
+        dye_table: two-channel dyes as rows {name, ratio, ratio_sd, prob}; None for one channel.
+        simulation_config: the ``SimulationConfig`` the network was trained on.
+        frame_size: (height, width) of the training frames (px).
+        path: the local folder.
+    """
+
+    model: torch.nn.Module
+    metadata: dict[str, Any]
+    camera: Any
+    px_size_nm: float
+    n_channels: int
+    dye_table: list[dict[str, Any]] | None
+    simulation_config: Any = None
+    frame_size: tuple[int, int] | None = None
+    path: Path | None = field(default=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+def _dye_table(sim) -> list[dict[str, Any]] | None:
+    if sim.channels.n_channels < 2:
+        return None
+    return [{"name": f"dye{i}", "ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability}
+            for i, d in enumerate(sim.channels.dyes)]
+
+
+def _model_channels(model) -> int | None:
+    value = getattr(model, "in_channels", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _model_card(name: str, architecture: str, meta: dict, sim, metrics: Mapping | None, training: Any) -> str:
+    cam, psf, em, bg, ch = sim.camera, sim.psf, sim.emitters, sim.background, sim.channels
+    h, w = meta["frame_size"]
+    lines = [
+        "---",
+        "library_name: decode_accel",
+        "license: mit",
+        "tags:",
+        "- smlm",
+        "- microscopy",
+        "- single-molecule-localization",
+        "- decode",
+        "---",
+        "",
+        f"# {name}: {architecture} for single-molecule localization microscopy",
+        "",
+        f"A DECODE-style {architecture} network trained with decode_accel on simulated camera frames. It takes "
+        "three consecutive frames in photons and returns per-pixel detection probability, sub-pixel position, z, "
+        "photons and background with uncertainties; `decode-accel predict` turns these into a localization table "
+        "(x, y, z in nm).",
+        "",
+        "## Trained on (simulation)",
+        "",
+        f"- frames: {h} x {w} px, pixel size {_fmt(meta['px_size_nm'])} nm, {meta['n_channels']} camera channel(s)",
+    ]
+    if cam.kind == "emccd":
+        lines.append(f"- camera: EMCCD, QE {_fmt(cam.qe)}, EM gain {_fmt(cam.em_gain)}, {_fmt(cam.e_per_adu)} e-/ADU, "
+                     f"baseline {_fmt(cam.baseline)} ADU, read noise {_fmt(cam.read_noise)} e-, spurious charge "
+                     f"{_fmt(cam.spurious_charge)} e-/px")
+    elif cam.kind == "scmos":
+        lines.append(f"- camera: sCMOS, QE {_fmt(cam.qe)}, {_fmt(cam.e_per_adu)} e-/ADU, offset {_fmt(cam.baseline)} "
+                     f"ADU, read noise {_fmt(cam.read_noise)} e-")
+    else:
+        lines.append("- camera: ideal (shot noise only, ADU = photons)")
+    psf_text = {"gaussian": f"Gaussian, sigma {_fmt(psf.sigma)} px",
+                "astigmatic": f"astigmatic, sigma0 {_fmt(psf.sigma0)} px, focal offset +-{_fmt(psf.gamma)} nm, "
+                              f"depth {_fmt(psf.depth)} nm",
+                "spline": "cubic spline calibration (assets/)"}.get(psf.kind, psf.kind)
+    lines.append(f"- PSF: {psf_text}")
+    density = (f"{_fmt(em.density)} per um^2" if getattr(em, "density", None) is not None
+               else f"{_fmt(getattr(em, 'emitters_per_frame', None))} per frame")
+    lines.append(f"- emitters: {density}; photons {_fmt(em.photons_mean)} +- {_fmt(em.photons_sd)} "
+                 f"({em.photons_distribution}); z in [{_fmt(em.z_range[0])}, {_fmt(em.z_range[1])}] nm; mean on-time "
+                 f"{_fmt(em.on_time_mean)} frames")
+    lines.append(f"- background: uniform in [{_fmt(bg.uniform[0])}, {_fmt(bg.uniform[1])}] photons/px")
+    if meta["dye_table"]:
+        lines += ["", "| dye | ratio (fraction in channel 1) | ratio sd | abundance |", "|---|---|---|---|"]
+        lines += [f"| {d['name']} | {_fmt(d['ratio'])} | {_fmt(d['ratio_sd'])} | {_fmt(d['prob'])} |"
+                  for d in meta["dye_table"]]
+    if training is not None:
+        t = training
+        lines += ["", "## Training", ""]
+        lines.append(f"- {t.training_strategy.epochs} epochs, batch size {t.data.batch_size}, "
+                     f"{t.optimizer.type} (lr {_fmt(t.optimizer.lr)}, weight decay {_fmt(t.optimizer.weight_decay)}), "
+                     f"schedule {t.scheduler.type}")
+        lines.append(f"- loss {t.loss.type}, mixed precision {t.training_strategy.mixed_precision}, gradient clipping "
+                     f"{_fmt(t.training_strategy.gradient_clipping)}, seed {t.training_strategy.seed}")
+        source = t.data.data_path or "simulated on the fly"
+        lines.append(f"- data: {source}; {t.data.samples_per_epoch or '-'} samples per epoch")
+    lines += ["", "## Accuracy", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    else:
+        lines.append("No evaluation metrics were recorded with this export.")
+    lines += [
+        "",
+        "## Intended use and limits",
+        "",
+        "- Use it on movies recorded with the camera, pixel size and PSF above, and with emitter brightness, "
+        "density and background inside the trained ranges. Outside them the network's outputs, and its "
+        "uncertainties, are not reliable: train a new model on a matching simulation instead.",
+        "- Input movies are in camera ADU; the stored camera converts them to photons before the network. A camera "
+        "with another gain or offset needs `--camera camera.yaml` or a new model.",
+        ("- The Gaussian PSF carries no z information: treat the z outputs as meaningless." if psf.kind == "gaussian"
+         else f"- z is only meaningful within [{_fmt(em.z_range[0])}, {_fmt(em.z_range[1])}] nm."),
+        "- Not for clinical or diagnostic use.",
+        "",
+        "## How to run",
+        "",
+        "```bash",
+        "decode-accel predict --model DIR --input movie.tif --out locs.csv",
+        "```",
+        "",
+        "```python",
+        "from decode_accel.hub import load_exported",
+        "exported = load_exported('DIR')  # or a Hub id",
+        "model, camera, px_size_nm = exported.model, exported.camera, exported.px_size_nm",
+        "```",
+        "",
+        f"Exported with decode_accel {decode_accel.__version__} (export format {EXPORT_FORMAT_VERSION}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _copy_assets(sim_data: dict, folder: Path) -> dict:
+    """Copy files named by the simulation config into assets/ and point the config at the copies."""
+    for section, key in _FILE_FIELDS:
+        value = sim_data.get(section, {}).get(key)
+        if not value:
+            continue
+        src = Path(value)
+        if not src.is_file():
+            raise DecodeAccelError("file named by the simulation config not found", path=src,
+                                   field=f"simulation.{section}.{key}", fix="fix the path before exporting")
+        (folder / ASSETS).mkdir(exist_ok=True)
+        dest = folder / ASSETS / f"{section}_{key}{''.join(src.suffixes)}"
+        shutil.copy2(src, dest)
+        sim_data[section][key] = f"{ASSETS}/{dest.name}"
+    return sim_data
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulation_config: Any,
+                 metrics: Mapping[str, Any] | None = None, training_config: Any = None,
+                 accelerator=None, name: str | None = None) -> Path:
+    """Write a self-contained export folder for inference and the Hub (atomically).
+
+    Args:
+        out_dir: the folder to create (replaced if it is an earlier export; any other non-empty
+            folder is refused).
+        model: a trained SigmaMUNet/DoubleMUNet (wrapped or compiled models are unwrapped).
+        simulation_config: the ``SimulationConfig`` (or dict) the model was trained on: pixel size,
+            frame size, camera, PSF, channels and dyes come from it.
+        metrics: accuracy figures for the model card (e.g. JI, RMSE_lat in nm).
+        training_config: the ``TrainingConfig`` (or dict), summarised in the model card.
+        accelerator: unwraps a prepared model with ``keep_torch_compile=False``.
+        name: title of the model card (default: the folder name).
+
+    Returns:
+        The export folder.
+    """
+    from decode_accel.simulation.config import SimulationConfig
+    from decode_accel.training.checkpoint import unwrap_model
+    from decode_accel.training.config import TrainingConfig
+
+    out_dir = Path(out_dir)
+    net = unwrap_model(model, accelerator)
+    if not hasattr(net, "save_pretrained"):
+        raise DecodeAccelError(f"{type(net).__name__} has no save_pretrained", field="model",
+                               fix="export a decode_accel network (SigmaMUNet or DoubleMUNet)")
+    sim = simulation_config if isinstance(simulation_config, SimulationConfig) else \
+        SimulationConfig.model_validate(simulation_config)
+    training = None
+    if training_config is not None:
+        training = training_config if isinstance(training_config, TrainingConfig) else \
+            TrainingConfig.model_validate(training_config)
+    n_channels = sim.channels.n_channels
+    own = _model_channels(net)
+    if own is not None and own != n_channels:
+        raise DecodeAccelError(f"the model reads {own} channel(s) but the simulation config has {n_channels}",
+                               field="simulation_config.channels.n_channels",
+                               fix="pass the simulation config the model was trained on")
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                       and not (out_dir / METADATA_FILE).is_file())):
+        raise DecodeAccelError("exists and is not an export folder; refusing to overwrite it", path=out_dir,
+                               fix="choose a new or empty folder")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        was_training = net.training
+        net.eval()
+        try:
+            net.save_pretrained(tmp)
+        finally:
+            net.train(was_training)
+        sim_data = _copy_assets(sim.model_dump(mode="json"), tmp)
+        scaling = getattr(net, "_hub_mixin_config", {}).get("scaling")
+        if scaling is None and hasattr(getattr(net, "scaling", None), "model_dump"):
+            scaling = net.scaling.model_dump()
+        meta = {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "decode_accel_version": decode_accel.__version__,
+            "architecture": type(net).__name__,
+            "px_size_nm": sim.frame.px_size,
+            "frame_size": [sim.frame.height, sim.frame.width],
+            "n_channels": n_channels,
+            "camera": sim_data["camera"],
+            "psf": sim_data["psf"],
+            "channels": sim_data["channels"],
+            "dye_table": _dye_table(sim),
+            "scaling": scaling,
+            "simulation": sim_data,
+            "metrics": json.loads(json.dumps(dict(metrics or {}), default=float)),
+            "training": training.model_dump(mode="json") if training is not None else None,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(name or out_dir.name, type(net).__name__, meta, sim, metrics,
+                                                   training))
+        _fsync_tree(tmp)
+        aside = None
+        if out_dir.exists():
+            aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, aside)
+        os.replace(tmp, out_dir)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DecodeAccelError(f"cannot write the export: {err.strerror or err}", path=out_dir,
+                               fix="free disk space or choose a writable folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, token=token))
+    except Exception as err:  # noqa: BLE001 - offline, HTTP and connection errors come in many types
+        kind = type(err).__name__
+        hint = ("the Hub is unreachable or HF_HUB_OFFLINE is set, and the model is not in the local cache"
+                if "Offline" in kind or "LocalEntryNotFound" in kind or "Connect" in kind
+                else str(err).splitlines()[0] if str(err) else kind)
+        raise DecodeAccelError(f"cannot download model '{repo_id}' ({kind}: {hint})", field="model",
+                               fix="check the id and the network, or pass a local export folder") from None
+
+
+def _inside(folder: Path, relative: str, where: str) -> str:
+    target = (folder / relative).resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(folder.resolve()):
+        raise DecodeAccelError(f"path '{relative}' points outside the export folder", path=folder, field=where,
+                               fix="re-export the model; exports only reference files inside themselves")
+    if not target.is_file():
+        raise DecodeAccelError(f"missing {relative}", path=folder, field=where, fix="re-export the model")
+    return os.fspath(target)
+
+
+def load_exported(path_or_repo_id: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                  device: str | torch.device = "cpu") -> ExportedModel:
+    """Read an export folder (local path or Hugging Face Hub id) back into an :class:`ExportedModel`.
+
+    Raises:
+        DecodeAccelError: folder not found, a required file missing, a newer export format, a
+            metadata path escaping the folder, or the Hub unreachable (offline).
+    """
+    from decode_accel.models.config import ARCHITECTURES
+    from decode_accel.simulation import Camera
+    from decode_accel.simulation.config import SimulationConfig
+
+    folder = Path(path_or_repo_id)
+    if not folder.exists():
+        text = os.fspath(path_or_repo_id)
+        if _REPO_ID.match(text) and not text.startswith((".", "/")):
+            folder = _download(text, revision, token)
+        else:
+            raise DecodeAccelError("export folder not found", path=folder,
+                                   fix="pass a folder written by export_model or a Hub id like user/model")
+    if not folder.is_dir():
+        raise DecodeAccelError("is not an export folder", path=folder, fix="pass the folder, not a file in it")
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise DecodeAccelError(f"missing {name}", path=folder,
+                                   fix="export the model with decode_accel.hub.export_model")
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text())
+        version = int(meta["format_version"])
+        architecture = meta["architecture"]
+    except (ValueError, KeyError, TypeError):
+        raise DecodeAccelError(f"{METADATA_FILE} is unreadable", path=folder, fix="re-export the model") from None
+    if version > EXPORT_FORMAT_VERSION:
+        raise DecodeAccelError(f"export format {version} is newer than this decode_accel understands "
+                               f"({EXPORT_FORMAT_VERSION})", path=folder, fix="upgrade decode_accel")
+    if architecture not in ARCHITECTURES:
+        raise DecodeAccelError(f"unknown architecture '{architecture}'", path=folder / METADATA_FILE,
+                               field="architecture", fix=f"use one of {', '.join(ARCHITECTURES)}")
+    sim_data = json.loads(json.dumps(meta["simulation"]))
+    for section, key in _FILE_FIELDS:
+        value = sim_data.get(section, {}).get(key)
+        if value:
+            sim_data[section][key] = _inside(folder, value, f"simulation.{section}.{key}")
+    try:
+        sim = SimulationConfig.model_validate(sim_data)
+    except Exception as err:  # noqa: BLE001 - pydantic's message names the field
+        raise DecodeAccelError(f"simulation settings are invalid ({str(err).splitlines()[0]})",
+                               path=folder / METADATA_FILE, fix="re-export the model") from None
+    try:
+        model = ARCHITECTURES[architecture].from_pretrained(folder)
+    except DecodeAccelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors/torch errors for damaged or mismatched weights
+        raise DecodeAccelError(f"cannot load the weights ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                               path=folder, fix="re-export the model") from None
+    model.to(device).eval()
+    frame_size = (int(meta["frame_size"][0]), int(meta["frame_size"][1]))
+    camera = Camera(sim.camera, frame_shape=frame_size)
+    return ExportedModel(model=model, metadata=meta, camera=camera, px_size_nm=float(meta["px_size_nm"]),
+                         n_channels=int(meta["n_channels"]), dye_table=meta.get("dye_table"),
+                         simulation_config=sim, frame_size=frame_size, path=folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Push
+# ----------------------------------------------------------------------------------------------
+
+def push_to_hub(export_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None, *,
+                commit_message: str = "Upload decode_accel model") -> Any:
+    """Upload an export folder to the Hugging Face Hub (``HfApi.create_repo`` + ``upload_folder``).
+
+    Returns:
+        The commit info returned by ``upload_folder``.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(export_dir)
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise DecodeAccelError(f"missing {name}", path=folder, fix="push a folder written by export_model")
+    if not _REPO_ID.match(repo_id):
+        raise DecodeAccelError(f"'{repo_id}' is not a Hub id", field="repo_id", fix="use the form user/model-name")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        return api.upload_folder(folder_path=os.fspath(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message)
+    except Exception as err:  # noqa: BLE001 - offline / HTTP / auth errors have no common base class
+        kind = type(err).__name__
+        raise DecodeAccelError(f"cannot push to '{repo_id}' ({kind}: {str(err).splitlines()[0] if str(err) else kind})",
+                               field="repo_id", fix="check the network, HF_HUB_OFFLINE and your token "
+                                                    "(huggingface-cli login)") from None
