@@ -508,6 +508,17 @@ class TrainingConfig(StrictModel):
             elif (self.model.norm == "batch") != reg.batch_norm:
                 problems.append(f"regularization.batch_norm={str(reg.batch_norm).lower()} conflicts with "
                                 f"model.norm={self.model.norm!r}; give one")
+        # The network's input/output ranges follow the simulated physics (DECODE's auto-scaling) except
+        # for the scaling fields given explicitly; with DECODE's 10k-photon defaults a 2k-photon
+        # scenario would use a fifth of the photon head.
+        given = self.model.scaling.model_fields_set if "scaling" in self.model.model_fields_set else set()
+        try:
+            auto = self.auto_scaling()
+        except (ValidationError, ValueError, KeyError, DecodeAccelError):
+            auto = None  # a curriculum problem, reported above; keep the defaults
+        if auto is not None and len(given) < len(type(auto).model_fields):
+            merged = auto.model_copy(update={k: getattr(self.model.scaling, k) for k in given})
+            object.__setattr__(self.model, "scaling", merged)
         if self.training_strategy.gradient_checkpointing and not self.model.gradient_checkpointing:
             self.model.gradient_checkpointing = True
         if self.curriculum:
@@ -521,6 +532,22 @@ class TrainingConfig(StrictModel):
         if problems:  # one per line: load_config reports each on its own line
             raise ValueError("\n".join(problems))
         return self
+
+    def auto_scaling(self):
+        """``model.scaling`` derived from the simulation (and every curriculum stage): DECODE's rules."""
+        from decode_accel.models.scaling import Scaling
+
+        sims = [self.simulation] + [self.simulation_for_stage(i) for i in range(len(self.curriculum))]
+        photons_mean = max(s.emitters.photons_mean for s in sims)
+        photons_sd = max(s.emitters.photons_sd for s in sims)
+        z_extent = max(max(abs(v) for v in s.emitters.z_range) for s in sims)
+        ranges = []
+        for s in sims:
+            ranges += list(s.channels.background or [s.background.uniform])
+        bg_low, bg_high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        base = list(self.simulation.channels.background or [self.simulation.background.uniform])
+        bg_mean = sum((r[0] + r[1]) / 2 for r in base) / len(base)
+        return Scaling.auto(photons_mean, photons_sd, z_extent, (bg_low, bg_high), bg_mean=bg_mean)
 
     def simulation_for_stage(self, index: int):
         """The simulation section with curriculum stage ``index``'s overrides applied (validated)."""

@@ -1,0 +1,339 @@
+"""End-to-end workflows: train on simulation -> predict a held-out movie -> evaluate.
+
+This is what ``decode-accel demo`` (the README's main job) and ``benchmarks/accuracy.py`` run.
+Held-out movies are simulated with seeds from :func:`held_out_seed`, a range that the training and
+validation streams never use, and thresholds are never tuned on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from decode_accel.training.hooks import Hook
+
+logger = logging.getLogger("decode_accel.pipeline")
+
+#: Held-out movies draw their seeds from here; training/validation seeds are small integers
+#: mixed by the data stream, so the two never meet.
+HELD_OUT_SEED_BASE = 7_000_000_000
+
+
+def held_out_seed(index: int) -> int:
+    """Seed of the ``index``-th held-out test movie (never used for training or validation)."""
+    return HELD_OUT_SEED_BASE + int(index)
+
+
+class TimeBudget(Hook):
+    """Stops training after ``minutes`` of wall time (checked after each optimizer update)."""
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self._start = None
+
+    def on_fit_start(self, trainer) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, trainer, losses: dict) -> None:
+        if self.minutes is not None and time.perf_counter() - self._start > 60.0 * self.minutes:
+            trainer.request_stop(f"time budget of {self.minutes:g} min reached")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LearningCurve(Hook):
+    """Records (update, seconds, training loss) after every optimizer update, for the learning-curve plot."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float, float]] = []
+        self._start = None
+
+    def on_fit_start(self, trainer) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, trainer, losses: dict) -> None:
+        loss = losses.get("loss")
+        value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        self.points.append((int(trainer.global_step), time.perf_counter() - self._start, value))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class HeldOutMovie:
+    """A simulated test movie on disk with its ground truth."""
+
+    tiff: Path
+    truth: pd.DataFrame           # table convention, nm, 0-based frames
+    bg_per_frame: np.ndarray      # mean expected background per frame (photons/px), for the CRLB
+    seed: int
+    n_frames: int
+    height: int
+    width: int
+
+
+def test_simulation(sim_config, height: int = 64, width: int = 64):
+    """The training physics on a test-sized frame (the challenge's 64 x 64 px by default)."""
+    data = sim_config.model_dump()
+    data["frame"].update(height=height, width=width)
+    return type(sim_config).model_validate(data)
+
+
+def simulate_held_out_movie(sim_config, n_frames: int, seed: int, out_dir: str | Path,
+                            name: str = "test") -> HeldOutMovie:
+    """Simulate a movie with ``seed`` and write ``{name}.tif`` (uint16 ADU) and ``{name}_truth.csv``."""
+    import tifffile
+
+    from decode_accel.io import write_table
+    from decode_accel.simulation import Simulator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sim = Simulator(sim_config)
+    movie = sim.sample(n_frames, torch.Generator().manual_seed(int(seed)))
+    adu = movie.frames_adu.clamp(0, 65535).round().to(torch.int32).numpy().astype(np.uint16)
+    if adu.shape[1] == 1:
+        adu = adu[:, 0]                     # (T, H, W): a plain single-channel stack
+    tiff = out_dir / f"{name}.tif"
+    tmp = tiff.with_suffix(".tif.tmp")
+    px = float(sim_config.frame.px_size)
+    tifffile.imwrite(tmp, adu, imagej=adu.ndim == 3, resolution=(1e3 / px, 1e3 / px),
+                     metadata={"unit": "um", "axes": "TYX"} if adu.ndim == 3 else None)
+    tmp.replace(tiff)
+    truth = movie.emitters.reset_index(drop=True)
+    write_table(truth, out_dir / f"{name}_truth.csv", px_size_nm=px)
+    bg = movie.bg.mean(dim=(1, 2, 3)).numpy()
+    return HeldOutMovie(tiff=tiff, truth=truth, bg_per_frame=bg, seed=int(seed), n_frames=n_frames,
+                        height=int(sim_config.frame.height), width=int(sim_config.frame.width))
+
+
+def crlb_psf(sim_config):
+    """The evaluation's PSF model matching the simulation (None when no closed form applies)."""
+    from decode_accel.evaluation import AstigmaticPSF, GaussianPSF
+
+    psf, px = sim_config.psf, float(sim_config.frame.px_size)
+    if psf.kind == "gaussian":
+        return GaussianPSF(sigma_nm=psf.sigma * px)
+    if psf.kind == "astigmatic":
+        # the simulator puts x in focus at z = -gamma; the evaluation's model at z = +gamma
+        return AstigmaticPSF(sigma0_nm=psf.sigma0 * px, gamma_nm=-psf.gamma, d_nm=psf.depth, a=psf.A, b=psf.B)
+    return None
+
+
+def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: float | None = None,
+                mixed_precision: str | None = None) -> dict:
+    """Train ``config`` (a TrainingConfig) on on-the-fly simulation; export to ``run_dir/export``.
+
+    Returns the history plus ``export_dir``, ``train_seconds``, ``samples_per_s``, ``data_wait_share``
+    and ``learning_curve`` [(update, seconds, loss)].
+    """
+    from decode_accel.training.builders import build_loaders, build_monitor, build_trainer
+    from decode_accel.training.config import save_config
+
+    run_dir = Path(run_dir)
+    data = config.model_dump()
+    data["checkpointing"]["save_dir"] = str(run_dir / "checkpoints")
+    data["monitoring"]["log_dir"] = str(run_dir / "logs")
+    config = type(config).model_validate(data)
+    curve, budget = LearningCurve(), TimeBudget(max_minutes)
+    trainer = build_trainer(config, cpu=cpu, mixed_precision=mixed_precision, hooks=(curve, budget))
+    train_loader, val_loader = build_loaders(config, rank=trainer.accelerator.process_index,
+                                             world_size=trainer.accelerator.num_processes)
+    monitor = build_monitor(config, is_main_process=trainer.accelerator.is_main_process)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.resolved.yaml")
+    t0 = time.perf_counter()
+    try:
+        history = trainer.train(train_loader, val_loader, monitor=monitor, export_dir=run_dir / "export",
+                                **trainer.fit_kwargs)
+        perf = monitor.performance_summary(log=False)
+    finally:
+        monitor.close()
+    seconds = time.perf_counter() - t0
+    samples = history["global_step"] * config.data.batch_size * config.training_strategy.accumulate_grad_batches
+    train_seconds = curve.points[-1][1] if curve.points else seconds
+    history.update(export_dir=run_dir / "export", train_seconds=train_seconds, wall_seconds=seconds,
+                   samples=samples, samples_per_s=samples / max(train_seconds, 1e-9),
+                   data_wait_share=_data_wait_share(perf), learning_curve=curve.points)
+    return history
+
+
+def _data_wait_share(perf: dict) -> float:
+    for key in ("data_wait_share", "share_data", "data_share"):
+        if key in perf:
+            return float(perf[key])
+    shares = perf.get("shares") or perf.get("phase_share") or {}
+    for key in ("data", "data_wait"):
+        if key in shares:
+            return float(shares[key])
+    return float("nan")
+
+
+def assess(export_dir: str | Path, movie: HeldOutMovie, sim_config, *, threshold: float | None = None,
+           out_table: str | Path | None = None) -> dict:
+    """Predict ``movie`` with the exported model and evaluate it against the truth.
+
+    Returns ``{"all": metrics, "bright": metrics (truth below 25 % of the mean photons excluded, as the
+    challenge's photon threshold), "predict_seconds", "frames_per_s", "n_locs"}``.
+    """
+    from decode_accel.evaluation import evaluate
+    from decode_accel.inference.predict import predict
+
+    t0 = time.perf_counter()
+    table = predict(export_dir, movie.tiff, out=out_table, threshold=threshold, progress=False)
+    seconds = time.perf_counter() - t0
+    return evaluate_table(table, movie, sim_config) | {
+        "predict_seconds": seconds, "frames_per_s": movie.n_frames / max(seconds, 1e-9), "n_locs": len(table)}
+
+
+def evaluate_table(table: pd.DataFrame, movie: HeldOutMovie, sim_config) -> dict:
+    """Challenge metrics of ``table`` against the movie's truth, with and without the photon threshold."""
+    from decode_accel.evaluation import evaluate
+
+    kwargs = dict(psf=crlb_psf(sim_config), px_size_nm=float(sim_config.frame.px_size),
+                  camera="emccd" if sim_config.camera.kind == "emccd" else "poisson",
+                  default_bg=movie.bg_per_frame, use_z=sim_config.psf.kind != "gaussian")
+    if sim_config.channels.n_channels == 2:
+        kwargs["dye_table"] = [{"ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability}
+                               for d in sim_config.channels.dyes]
+    everything = evaluate(movie.truth, table, **kwargs)
+    bright = evaluate(movie.truth, table, min_photons=0.25 * float(movie.truth["photons"].mean()), **kwargs)
+    return {"all": everything, "bright": bright}
+
+
+HEADLINE = [
+    ("jaccard", "JI", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("precision", "precision", "{:.3f}"),
+    ("rmse_lat", "RMSE lat (nm)", "{:.1f}"), ("rmse_ax", "RMSE ax (nm)", "{:.1f}"),
+    ("eff_lat", "E lat (%)", "{:.1f}"), ("eff_ax", "E ax (%)", "{:.1f}"),
+    ("rmse_over_crlb_lat", "RMSE/CRLB lat", "{:.2f}"), ("rmse_over_crlb_ax", "RMSE/CRLB ax", "{:.2f}"),
+    ("calib_x", "within 1 sigma x", "{:.2f}"), ("calib_y", "within 1 sigma y", "{:.2f}"),
+    ("ratio_rmse", "ratio RMSE", "{:.4f}"), ("ratio_crlb", "ratio CRLB", "{:.4f}"),
+    ("crosstalk", "crosstalk", "{:.4f}"), ("rejection", "rejection", "{:.4f}"),
+]
+
+
+def format_table(columns: dict[str, dict], title: str = "") -> str:
+    """A plain-text table: one row per headline metric, one column per method/condition."""
+    names = list(columns)
+    width = max([16] + [len(n) + 2 for n in names])
+    lines = [title] if title else []
+    lines.append(f"{'metric':<18}" + "".join(f"{n:>{width}}" for n in names))
+    for key, label, fmt in HEADLINE:
+        values = [columns[n].get(key) for n in names]
+        if all(v is None or (isinstance(v, float) and not math.isfinite(v)) for v in values):
+            continue
+        cells = []
+        for v in values:
+            ok = v is not None and not (isinstance(v, float) and not math.isfinite(v))
+            cells.append(f"{(fmt.format(v) if ok else '-'):>{width}}")
+        lines.append(f"{label:<18}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_learning_curve(points: list[tuple[int, float, float]], path: str | Path, title: str = "") -> Path:
+    """PNG of the training loss against optimizer updates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if points:
+        steps, _, loss = zip(*points)
+        ax.plot(steps, loss, lw=0.6, alpha=0.4, label="per update")
+        k = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("optimizer update")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if torch.is_tensor(obj):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def write_json(data, path: str | Path) -> Path:
+    """Atomic JSON write (NaN -> null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    tmp.replace(path)
+    return path
+
+
+DEMO_OVERRIDES = [
+    "model.preset=cpu_small", "data.batch_size=16", "data.val_samples=64",
+    "monitoring.use_tensorboard=false", "monitoring.validate_every=1000",
+]
+
+
+def demo_main(argv: list[str]) -> int:
+    """``decode-accel demo``: the README's main job (train -> predict -> metrics), CPU-friendly."""
+    from decode_accel.training.config import load_config
+
+    parser = argparse.ArgumentParser(prog="decode-accel demo", description=demo_main.__doc__)
+    parser.add_argument("--out", default="outputs/demo", help="output folder")
+    parser.add_argument("--config", default="recipes/configs/benchmark/a_2d_low_density.yaml",
+                        help="training config (scenario); default: 2D low density, challenge camera")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget (min)")
+    parser.add_argument("--test-frames", type=int, default=100, help="frames of the held-out movie")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    config = load_config(args.config, DEMO_OVERRIDES + ["training_strategy.epochs=1000"] + list(args.overrides))
+    print(f"[1/3] training {config.model.architecture} ({config.model.preset}) on simulated "
+          f"{config.simulation.frame.height}x{config.simulation.frame.width} px frames for {args.minutes:g} min (CPU)")
+    history = train_model(config, out / "run", cpu=True, max_minutes=args.minutes)
+    print(f"      {history['global_step']} updates, {history['samples_per_s']:.1f} samples/s; "
+          f"model exported to {history['export_dir']}")
+    test_sim = test_simulation(config.simulation)
+    movie = simulate_held_out_movie(test_sim, args.test_frames, held_out_seed(0), out, name="held_out")
+    print(f"[2/3] predicting the held-out movie {movie.tiff} ({movie.n_frames} frames, "
+          f"{len(movie.truth)} true emitter-frames, seed {movie.seed})")
+    result = assess(history["export_dir"], movie, test_sim, out_table=out / "held_out_locs.csv")
+    print(f"      {result['n_locs']} localizations, {result['frames_per_s']:.1f} frames/s -> {out / 'held_out_locs.csv'}")
+    print("[3/3] metrics against the truth (challenge-2016 matching, CRLB from each emitter's photons and background)")
+    print(format_table({"all emitters": result["all"], "photons >= 25% of mean": result["bright"]}))
+    write_json({"history": {k: v for k, v in history.items() if k != "learning_curve"}, "assess": result},
+               out / "metrics.json")
+    plot_learning_curve(history["learning_curve"], out / "learning_curve.png", "demo training loss")
+    print(f"metrics: {out / 'metrics.json'}; learning curve: {out / 'learning_curve.png'}")
+    return 0
