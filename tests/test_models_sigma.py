@@ -1,0 +1,235 @@
+"""SigmaMUNet: shapes, ranges and units of the outputs; caching; saving; checkpointing."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from decode_accel.errors import DecodeAccelError
+from decode_accel.models import Scaling, SigmaMUNet
+
+SCALING = Scaling(input_offset=10.0, input_scale=20.0, photons_max=2000.0, z_max=600.0, bg_max=40.0)
+
+
+def tiny(**kwargs) -> SigmaMUNet:
+    torch.manual_seed(0)
+    return SigmaMUNet.from_preset("tiny", scaling=SCALING, **kwargs)
+
+
+def windows(batch=2, channels=1, size=16, seed=1) -> torch.Tensor:
+    """Frames in photons: background ~10 photons/px plus one bright spot per frame."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.poisson(torch.full((batch, channels, 3, size, size), 10.0), generator=g)
+    frames[..., size // 2, size // 2] += 500.0
+    return frames
+
+
+def test_decode_preset_has_decodes_2_2_million_parameters():
+    model = SigmaMUNet.from_preset("decode")
+    n = model.num_parameters()
+    print(f"SigmaMUNet 'decode' preset: {n:,} parameters")
+    # DECODE: 2 199 419, of which one is its non-trainable sigma epsilon (a constant here)
+    assert n == 2_199_418
+    # the seed's constructor call builds the same network
+    assert SigmaMUNet(in_channels=1, out_channels=5, uncertainty=True).num_parameters() == n
+
+
+def test_smaller_presets_are_smaller():
+    sizes = [SigmaMUNet.from_preset(name).num_parameters() for name in ("tiny", "cpu_small", "decode")]
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_outputs_have_the_documented_shapes_and_ranges():
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(windows(batch=2, size=16))
+    assert set(out) == set(SigmaMUNet.OUTPUT_KEYS)
+    for key in SigmaMUNet.OUTPUT_KEYS:
+        expected = (2, 1, 16, 16) if key == "bg" else (2, 16, 16)
+        assert out[key].shape == expected, key
+        assert torch.isfinite(out[key]).all(), key
+    lo, hi = 1 / (1 + math.exp(8)), 1 / (1 + math.exp(-8))
+    assert ((out["p"] >= lo - 1e-7) & (out["p"] <= hi + 1e-7)).all()
+    assert (out["logits"].abs() <= 8).all()
+    assert torch.allclose(out["p"], torch.sigmoid(out["logits"]))
+    assert ((out["photons"] >= 0) & (out["photons"] <= 2000.0)).all()
+    assert (out["dx"].abs() <= 1).all() and (out["dy"].abs() <= 1).all()
+    assert (out["z"].abs() <= 600.0).all()
+    assert ((out["bg"] >= 0) & (out["bg"] <= 40.0)).all()
+    # sigmas: (3 sigmoid + 0.001) x unit, unit = photons_max (photons), 1 px, z_max (nm)
+    for key, unit in (("photons_sigma", 2000.0), ("dx_sigma", 1.0), ("dy_sigma", 1.0), ("z_sigma", 600.0)):
+        assert (out[key] >= 0.001 * unit * (1 - 1e-5)).all(), key
+        assert (out[key] <= 3.001 * unit * (1 + 1e-5)).all(), key
+
+
+def test_detection_probability_starts_near_sigmoid_of_minus_six():
+    # the p-head bias of -6 means ~0.0025 expected emitters per pixel before training
+    model = tiny().eval()
+    with torch.no_grad():
+        p = model(windows(batch=4, size=32))["p"]
+    assert 0.0005 < float(p.mean()) < 0.02
+
+
+def test_logits_beyond_the_clamp_still_pass_gradient_back():
+    # values stay within [-8, 8] as in DECODE, but a pixel pushed far below -8 must be able to come back
+    model = tiny()
+    with torch.no_grad():
+        model.heads["p"][-1].bias.fill_(-30.0)
+    out = model(windows())
+    assert torch.all((out["logits"] >= -8.0) & (out["logits"] < -7.9))
+    (-out["p"].log()).sum().backward()  # any loss that wants more detections
+    assert model.heads["p"][-1].bias.grad.item() < 0  # gradient descent raises the bias
+
+
+def test_the_model_applies_its_input_scaling_itself():
+    plain = Scaling(input_offset=0.0, input_scale=1.0, photons_max=2000.0, z_max=600.0, bg_max=40.0)
+    model, reference = tiny().eval(), SigmaMUNet.from_preset("tiny", scaling=plain).eval()
+    reference.load_state_dict(model.state_dict())
+    frames = windows()
+    with torch.no_grad():
+        a = model(frames)
+        b = reference((frames - 10.0) / 20.0)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_are_in_physical_units_set_by_the_scaling():
+    model = tiny().eval()
+    doubled = SigmaMUNet.from_preset("tiny", scaling=SCALING.model_copy(
+        update=dict(photons_max=4000.0, z_max=1200.0, bg_max=80.0))).eval()
+    doubled.load_state_dict(model.state_dict())
+    frames = windows()
+    with torch.no_grad():
+        a, b = model(frames), doubled(frames)
+    for key in ("photons", "photons_sigma", "z", "z_sigma", "bg"):
+        torch.testing.assert_close(b[key], 2 * a[key], rtol=1e-5, atol=1e-4)
+    for key in ("p", "dx", "dy", "dx_sigma", "dy_sigma"):
+        torch.testing.assert_close(b[key], a[key])
+
+
+def test_a_2d_model_predicts_z_zero_with_a_constant_sigma():
+    model = tiny(z_enabled=False).eval()
+    with torch.no_grad():
+        out = model(windows())
+    assert (out["z"] == 0).all()
+    assert torch.all(out["z_sigma"] == out["z_sigma"].flatten()[0]) and (out["z_sigma"] > 0).all()
+
+
+def test_without_uncertainty_there_are_no_sigma_maps():
+    out = tiny(uncertainty=False, out_channels=None).eval()(windows())
+    assert not any(key.endswith("_sigma") for key in out)
+    assert {"p", "photons", "dx", "dy", "z", "bg", "logits"} <= set(out)
+
+
+def test_cached_frame_features_give_the_same_outputs_as_the_plain_forward():
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(3)
+    movie = torch.poisson(torch.full((6, 1, 16, 16), 12.0), generator=g) + 300.0 * (torch.rand(6, 1, 16, 16, generator=g) > 0.98)
+    stacked = torch.stack([movie[t - 1:t + 2] for t in range(1, 5)])  # (4, 3, 1, H, W): windows at t = 1..4
+    with torch.no_grad():
+        plain = model(stacked.transpose(1, 2))
+        features = model.encode_frames(movie)  # each frame through stage 1 once
+        assert features.shape == (6, model.frame_features, 16, 16)
+        cached = model.decode_windows(features[0:4], features[1:5], features[2:6])
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 18, 16), (1, 1, 3, 16, 14)])
+def test_frames_whose_size_is_not_a_multiple_of_four_raise_a_clear_error(shape):
+    with pytest.raises(DecodeAccelError, match=r"multiples of 4"):
+        tiny()(torch.zeros(shape))
+    with pytest.raises(DecodeAccelError, match=r"multiples of 4"):
+        tiny().encode_frames(torch.zeros(shape[0], 1, *shape[-2:]))
+
+
+def test_frames_without_the_channel_axis_raise_a_clear_error():
+    with pytest.raises(DecodeAccelError, match=r"\(B, 1, 3, H, W\)"):
+        tiny()(torch.zeros(2, 3, 16, 16))
+
+
+def test_out_channels_other_than_the_seeds_five_are_rejected():
+    with pytest.raises(DecodeAccelError, match="out_channels"):
+        SigmaMUNet(out_channels=7, features=4)
+    assert SigmaMUNet(out_channels=10, features=4) is not None  # DECODE's raw channel count is fine
+
+
+def test_save_pretrained_and_from_pretrained_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny(z_enabled=False, norm="group", activation="gelu").eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["scaling"] == SCALING.model_dump() and config["features"] == 8 and config["z_enabled"] is False
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: decode_accel" in card and "smlm" in card and "microscopy" in card
+    loaded = SigmaMUNet.from_pretrained(tmp_path).eval()
+    assert loaded.scaling == SCALING and loaded.norm == "group" and loaded.activation == "gelu"
+    frames = windows()
+    with torch.no_grad():
+        a, b = model(frames), loaded(frames)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(tmp_path):
+    tiny(uncertainty=False).save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        SigmaMUNet.from_pretrained(tmp_path, uncertainty=True)
+
+
+def test_a_channels_last_model_saves_and_gives_the_same_outputs(tmp_path):
+    model = tiny().eval()
+    frames = windows()
+    with torch.no_grad():
+        expected = model(frames)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(frames)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-3)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        again = SigmaMUNet.from_pretrained(tmp_path).eval()(frames)
+    torch.testing.assert_close(again["photons"], expected["photons"], rtol=1e-4, atol=1e-3)
+
+
+def test_changing_the_scaling_after_construction_is_saved(tmp_path):
+    model = tiny()
+    model.scaling = dict(SCALING.model_dump(), bg_max=99.0)
+    model.save_pretrained(tmp_path)
+    assert SigmaMUNet.from_pretrained(tmp_path).scaling.bg_max == 99.0
+
+
+def _gradients(model, frames):
+    model.zero_grad()
+    torch.manual_seed(5)  # same dropout masks in both runs
+    out = model(frames)
+    loss = sum(value.float().mean() / (1 + value.detach().abs().mean()) for value in out.values())
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    frames = windows()
+    model = tiny(dropout=0.2).train()
+    checkpointed = tiny(dropout=0.2, gradient_checkpointing=True).train()
+    checkpointed.load_state_dict(model.state_dict())
+    a, b = _gradients(model, frames), _gradients(checkpointed, frames)
+    assert a.keys() == b.keys() and len(a) == len(list(model.parameters()))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_parameter_receives_a_gradient():
+    grads = _gradients(tiny().train(), windows())
+    assert all(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_outputs():
+    model = tiny().eval()
+    frames = windows()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        a, b = model(frames), compiled(frames)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3)
