@@ -425,3 +425,18 @@ def push_to_hub(export_dir: str | os.PathLike, repo_id: str, private: bool = Fal
         raise DecodeAccelError(f"cannot push to '{repo_id}' ({kind}: {str(err).splitlines()[0] if str(err) else kind})",
                                field="repo_id", fix="check the network, HF_HUB_OFFLINE and your token "
                                                     "(huggingface-cli login)") from None
+
+
+def push_main(argv: list[str]) -> int:
+    """``decode-accel push --model EXPORT_DIR --repo-id user/name [--private] [--token T]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="decode-accel push", description=push_main.__doc__)
+    parser.add_argument("--model", required=True, help="export folder written by training (export_model)")
+    parser.add_argument("--repo-id", required=True, help="Hub model id, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    args = parser.parse_args(argv)
+    info = push_to_hub(args.model, args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.model} to {args.repo_id}" + (f" ({getattr(info, 'commit_url', '')})" if info else ""))
+    return 0

@@ -114,8 +114,8 @@ def simulate_held_out_movie(sim_config, n_frames: int, seed: int, out_dir: str |
     tiff = out_dir / f"{name}.tif"
     tmp = tiff.with_suffix(".tif.tmp")
     px = float(sim_config.frame.px_size)
-    tifffile.imwrite(tmp, adu, imagej=adu.ndim == 3, resolution=(1e3 / px, 1e3 / px),
-                     metadata={"unit": "um", "axes": "TYX"} if adu.ndim == 3 else None)
+    tifffile.imwrite(tmp, adu, imagej=True, resolution=(1e3 / px, 1e3 / px),
+                     metadata={"unit": "um", "axes": "TYX" if adu.ndim == 3 else "TCYX"})
     tmp.replace(tiff)
     truth = movie.emitters.reset_index(drop=True)
     write_table(truth, out_dir / f"{name}_truth.csv", px_size_nm=px)
@@ -176,14 +176,12 @@ def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: f
 
 
 def _data_wait_share(perf: dict) -> float:
-    for key in ("data_wait_share", "share_data", "data_share"):
-        if key in perf:
-            return float(perf[key])
-    shares = perf.get("shares") or perf.get("phase_share") or {}
-    for key in ("data", "data_wait"):
-        if key in shares:
-            return float(shares[key])
-    return float("nan")
+    """Share of the training wall time spent waiting for batches (the monitor's 'data' phase;
+    without it, the time outside forward/backward/optimizer, an upper bound)."""
+    phases = perf.get("phases") or {}
+    if "data" in phases:
+        return float(phases["data"]["share"])
+    return float(perf.get("untimed_share", float("nan")))
 
 
 def assess(export_dir: str | Path, movie: HeldOutMovie, sim_config, *, threshold: float | None = None,
@@ -193,7 +191,6 @@ def assess(export_dir: str | Path, movie: HeldOutMovie, sim_config, *, threshold
     Returns ``{"all": metrics, "bright": metrics (truth below 25 % of the mean photons excluded, as the
     challenge's photon threshold), "predict_seconds", "frames_per_s", "n_locs"}``.
     """
-    from decode_accel.evaluation import evaluate
     from decode_accel.inference.predict import predict
 
     t0 = time.perf_counter()

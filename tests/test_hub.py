@@ -165,3 +165,30 @@ def test_push_offline_reports_the_cause_in_one_line(tmp_path, monkeypatch):
     shutil.rmtree(out)
     with pytest.raises(DecodeAccelError, match="missing decode_accel.json"):
         push_to_hub(out, "lab/decode-tiny")
+
+
+def test_push_command_uploads_the_export_folder_through_the_hub_client(tmp_path, monkeypatch):
+    """`decode-accel push` creates the repo and uploads exactly the export folder (client monkeypatched)."""
+    from huggingface_hub import HfApi
+
+    from decode_accel.cli import main
+    from decode_accel.hub import REQUIRED_FILES
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in REQUIRED_FILES:
+        (folder / name).write_text("{}")
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.setdefault("create", kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
+    assert main(["push", "--model", str(folder), "--repo-id", "someone/model", "--private"]) == 0
+    assert calls["create"]["repo_id"] == "someone/model" and calls["create"]["private"] is True
+    assert calls["upload"]["folder_path"] == str(folder)
+
+
+def test_push_command_rejects_a_folder_without_weights_in_one_line(tmp_path, capsys):
+    from decode_accel.cli import main
+
+    assert main(["push", "--model", str(tmp_path), "--repo-id", "someone/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err

@@ -42,7 +42,9 @@ class ModelConfig(StrictModel):
     share_stage1: bool = Field(True, description="DoubleMUNet: both channels share the stage-1 U-Net weights (-)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory (-)")
     scaling: Scaling = Field(default_factory=Scaling,
-                             description="input offset/scale (photons) and output ranges (photons, nm, photons/px)")
+                             description="input offset/scale (photons) and output ranges (photons, nm, photons/px); in a "
+                                         "TrainingConfig every field not given is derived from the simulation "
+                                         "(DECODE's auto-scaling), the defaults shown are DECODE's")
 
     @model_validator(mode="after")
     def _channels_match_architecture(self) -> "ModelConfig":
