@@ -1,0 +1,375 @@
+"""The thin builder: ``TrainingConfig`` -> objects (model, loss, optimizer, loaders, hooks, trainer), and the
+command line shared by every recipe (``run_from_cli``).
+
+Domain modules take plain arguments; only this file knows the config tree. A recipe is then::
+
+    from decode_accel.training.builders import run_from_cli
+    if __name__ == "__main__":
+        run_from_cli(sys.argv[1:], default_config="single_channel")
+
+and runs as ``python recipes/x.py``, ``accelerate launch [launcher flags] recipes/x.py [flags]`` or
+``torchrun --nproc_per_node N recipes/x.py --cpu`` (flags are long and unambiguous because torchrun
+abbreviation-matches script flags against its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decode_accel.errors import DecodeAccelError
+
+logger = logging.getLogger("decode_accel.training")
+
+#: recipes/configs next to the package (editable install / source checkout)
+RECIPE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "recipes" / "configs"
+
+_PRECISIONS = ("no", "bf16", "fp16", "fp8")
+
+
+def resolve_mixed_precision(mixed_precision: str | bool | None, cpu: bool) -> str | None:
+    """The Accelerator's ``mixed_precision`` argument.
+
+    True -> bf16 on a GPU, "no" on the CPU (bf16 autocast is ~10x slower on CPUs without bf16 units);
+    False -> "no"; None -> the launcher's setting (``ACCELERATE_MIXED_PRECISION``) if any, else fp32 on
+    the CPU and bf16 on a GPU; a string is passed on.
+    """
+    gpu = torch.cuda.is_available() and not cpu
+    if mixed_precision is None:
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None
+        return "bf16" if gpu else "no"
+    if mixed_precision is True:
+        return "bf16" if gpu else "no"
+    if mixed_precision is False:
+        return "no"
+    if mixed_precision not in _PRECISIONS:
+        raise DecodeAccelError(f"unknown mixed_precision {mixed_precision!r}", field="mixed_precision",
+                               fix=f"use one of {', '.join(_PRECISIONS)}")
+    return mixed_precision
+
+
+def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
+    """``{'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4, 'amsgrad': True}`` -> a torch optimizer.
+
+    ``type`` is any ``torch.optim`` class name (Adam, AdamW, SGD, RMSprop, ...); the other keys are its
+    keyword arguments (``learning_rate`` is accepted for ``lr``).
+    """
+    cfg = dict(optimizer_config)
+    kind = cfg.pop("type", "AdamW")
+    if "learning_rate" in cfg and "lr" not in cfg:
+        cfg["lr"] = cfg.pop("learning_rate")
+    cfg.update(cfg.pop("kwargs", None) or {})
+    if "betas" in cfg and cfg["betas"] is not None:
+        cfg["betas"] = tuple(cfg["betas"])
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    cls = getattr(torch.optim, str(kind), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise DecodeAccelError(f"unknown optimizer type {kind!r}", field="optimizer.type",
+                               fix="use a torch.optim class name such as Adam, AdamW or SGD")
+    try:
+        return cls(params, **cfg)
+    except (TypeError, ValueError) as err:
+        raise DecodeAccelError(f"cannot build {kind}: {err}", field="optimizer", fix=f"check the {kind} arguments") \
+            from None
+
+
+def scheduler_dict(config) -> dict | None:
+    """The ``scheduler`` config section as the trainer's ``scheduler_config`` dict (None for type none)."""
+    sec = config.scheduler
+    if sec.type == "none" and not sec.warmup_steps:
+        return None
+    out = {"type": sec.type, **dict(sec.kwargs), "warmup_steps": sec.warmup_steps}
+    if sec.interval is not None:
+        out["interval"] = sec.interval
+    return out
+
+
+def optimizer_dict(config) -> dict:
+    """The ``optimizer`` section as the trainer's ``optimizer_config`` dict."""
+    sec = config.optimizer
+    out = {"type": sec.type, "lr": sec.lr, "weight_decay": sec.weight_decay, "betas": sec.betas,
+           "amsgrad": sec.amsgrad, "momentum": sec.momentum, "eps": sec.eps, **dict(sec.kwargs)}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def build_model_from_config(config) -> torch.nn.Module:
+    """The network of ``config.model`` with the regularisation section applied (dropout, batch norm)."""
+    from decode_accel.models import build_model
+
+    model_cfg = config.model.model_dump()
+    reg = config.regularization
+    if reg.dropout and model_cfg.get("dropout") is None:
+        model_cfg["dropout"] = reg.dropout
+    if reg.batch_norm and model_cfg.get("norm") in (None, "none"):
+        model_cfg["norm"] = "batch"
+    if config.training_strategy.gradient_checkpointing:
+        model_cfg["gradient_checkpointing"] = True
+    model = build_model(model_cfg)
+    if config.training_strategy.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_loss_from_config(config, model) -> Any:
+    from decode_accel.loss import build_loss
+
+    kwargs = dict(config.loss.weights)
+    if config.model.architecture == "SigmaMUNet" and config.loss.type in ("GaussianMM", "RatioGaussianNLL"):
+        kwargs.setdefault("z_enabled", config.model.z_enabled)
+    return build_loss(config.loss.type, scaling=getattr(model, "scaling", None), **kwargs)
+
+
+def dye_table(simulation_config) -> list[dict] | None:
+    """The simulation's dye table in the post-processing / evaluation convention (ratio, ratio_sd, prob);
+    None for single-channel data."""
+    ch = simulation_config.channels
+    if ch.n_channels != 2:
+        return None
+    return [{"ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability} for d in ch.dyes]
+
+
+def build_postprocessor(config):
+    from decode_accel.inference.postprocess import PostProcessor
+
+    sim = config.simulation
+    return PostProcessor(px_size_nm=float(sim.frame.px_size), dye_table=dye_table(sim))
+
+
+def build_loaders(config, *, rank: int = 0, world_size: int = 1):
+    """(train_loader, val_loader) from the data and simulation sections.
+
+    The simulated training stream is sharded by ``rank``/``world_size`` (do not prepare it); the
+    validation set is complete on every process (``BaseTrainer.validate`` splits it).
+    """
+    from decode_accel.data import create_dataloader
+
+    data = config.data
+    common = {"batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.training_strategy.seed,
+              "label_photon_min": data.label_photon_min}
+    n_ch = config.simulation.channels.n_channels
+    train = create_dataloader(data.data_path, {**common, "val_samples": max(1, data.val_samples)}, "train",
+                              simulation_config=config.simulation, n_channels=n_ch, rank=rank, world_size=world_size)
+    val = None
+    if data.val_samples > 0 or data.val_data_path:
+        val = create_dataloader(data.val_data_path, {**common, "val_samples": max(1, data.val_samples),
+                                                     "num_workers": 0}, "val",
+                                simulation_config=config.simulation, n_channels=n_ch)
+    return train, val
+
+
+def build_hooks(config, *, teacher=None, initial_weights: dict | None = None) -> list:
+    """Hooks the config asks for: loss scheduling, curriculum, distillation and the divergence guard."""
+    from decode_accel.training.hooks import CurriculumHook, DistillationHook, DivergenceGuard, LossSchedulerHook
+    from decode_accel.training.scheduler import LossScheduler
+
+    hooks = [DivergenceGuard(action="rollback", max_events=max(1, config.training_strategy.max_divergence_restarts))]
+    if config.loss_scheduling.enable:
+        sched = LossScheduler.from_config(config.loss_scheduling, config.training_strategy.epochs,
+                                          initial_weights=initial_weights or dict(config.loss.weights))
+        if sched is not None:
+            hooks.append(LossSchedulerHook(sched))
+    if config.curriculum:
+        hooks.append(CurriculumHook(config.curriculum))
+    if config.distillation.teacher or teacher is not None:
+        teacher = teacher if teacher is not None else load_teacher(config.distillation.teacher)
+        hooks.append(DistillationHook(teacher, alpha=config.distillation.alpha,
+                                      temperature=config.distillation.temperature))
+    return hooks
+
+
+def load_teacher(path: str) -> torch.nn.Module:
+    """The teacher network of an export folder or Hub id (``decode_accel.hub.load_exported``)."""
+    from decode_accel.hub import load_exported
+
+    return load_exported(path).model
+
+
+def as_two_channel(config):
+    """``config`` with the two-channel defaults filled in where the user left them unset.
+
+    ``MultiChannelTrainer.from_config`` on a config that names neither the architecture, nor the
+    channel count, nor the loss (as in the seed's example) means DoubleMUNet + UnifiedLoss on two-channel
+    simulation with two dyes (ratio 0.3 and 0.7); an explicit single-channel setting is an error.
+    """
+    from decode_accel.training.config import TrainingConfig
+
+    data = config.model_dump()
+    explicit = []
+    if config.model.architecture != "DoubleMUNet":
+        if "architecture" in config.model.model_fields_set:
+            explicit.append("model.architecture")
+        data["model"]["architecture"] = "DoubleMUNet"
+    ch = config.simulation.channels
+    if ch.n_channels != 2:
+        if "n_channels" in ch.model_fields_set:
+            explicit.append("simulation.channels.n_channels")
+        data["simulation"]["channels"]["n_channels"] = 2
+        if "dyes" not in ch.model_fields_set:
+            data["simulation"]["channels"]["dyes"] = [{"ratio_mean": 0.3, "ratio_sd": 0.03, "probability": 1.0},
+                                                      {"ratio_mean": 0.7, "ratio_sd": 0.03, "probability": 1.0}]
+    if config.loss.type == "GaussianMM":
+        if "type" in config.loss.model_fields_set:
+            explicit.append("loss.type")
+        data["loss"]["type"] = "Unified"
+    if explicit:
+        raise DecodeAccelError(f"MultiChannelTrainer needs two-channel settings but {', '.join(explicit)} "
+                               f"say single channel", field=explicit[0],
+                               fix="use BaseTrainer, or set model.architecture=DoubleMUNet, "
+                                   "simulation.channels.n_channels=2 and loss.type=Unified")
+    if data == config.model_dump():
+        return config
+    logger.info("MultiChannelTrainer: using DoubleMUNet, two-channel simulation and UnifiedLoss")
+    return TrainingConfig.model_validate(data)
+
+
+def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_precision: str | bool | None = None,
+                  accelerator=None, teacher=None, hooks: tuple = ()):
+    """Model, loss, optimizer, schedules, postprocessor and hooks from a ``TrainingConfig``.
+
+    The trainer class defaults to ``MultiChannelTrainer`` for two-channel configs. ``trainer.fit_kwargs``
+    holds the ``train()`` arguments the config implies (epochs, accumulation, clipping, ...):
+    ``trainer.train(train_loader, val_loader, **trainer.fit_kwargs)`` runs the configured training.
+    """
+    from decode_accel.training.config import TrainingConfig
+    from decode_accel.training.trainer import BaseTrainer, MultiChannelTrainer
+
+    if isinstance(config, dict):
+        config = TrainingConfig.model_validate(config)
+    if trainer_cls is MultiChannelTrainer:
+        config = as_two_channel(config)
+    two = config.simulation.channels.n_channels == 2 or config.model.architecture == "DoubleMUNet"
+    if trainer_cls is None or (trainer_cls is BaseTrainer and two):
+        trainer_cls = MultiChannelTrainer if two else BaseTrainer
+    ts = config.training_strategy
+    on_cpu = bool(ts.cpu if cpu is None else cpu) or not torch.cuda.is_available()
+    if mixed_precision is None and ("mixed_precision" in ts.model_fields_set
+                                    or not os.environ.get("ACCELERATE_MIXED_PRECISION")):
+        mixed_precision = ts.mixed_precision
+        if on_cpu and mixed_precision != "no":
+            # the config asks for autocast, which pays on GPUs; on a CPU without bf16 units it is ~10x slower
+            logger.info("training on the CPU: using fp32 instead of %s (pass --mixed_precision %s to force it)",
+                        mixed_precision, mixed_precision)
+            mixed_precision = "no"
+    from accelerate.utils import set_seed
+    set_seed(ts.seed)  # before the model is built: identical initial weights on every process
+    model = build_model_from_config(config)
+    loss_fn = build_loss_from_config(config, model)
+    sched = scheduler_dict(config)
+    trainer = trainer_cls(model, loss_fn, optimizer_dict(config), sched, mixed_precision=mixed_precision,
+                          hooks=list(build_hooks(config, teacher=teacher,
+                                                  initial_weights=getattr(loss_fn, "weights", None))) + list(hooks),
+                          postprocessor=build_postprocessor(config), accelerator=accelerator,
+                          cpu=bool(ts.cpu if cpu is None else cpu), seed=ts.seed,
+                          px_size_nm=float(config.simulation.frame.px_size), config=config,
+                          simulation_config=config.simulation, save_top_k=config.checkpointing.save_top_k,
+                          monitor_metric=config.checkpointing.monitor_metric, mode=config.checkpointing.mode)
+    if ts.compile:
+        trainer.model = torch.compile(trainer.model)
+    mon = config.monitoring
+    trainer.plot_every = mon.plot_every
+    world = trainer.accelerator.num_processes
+    updates = config.data.epoch_steps(ts.accumulate_grad_batches, world)
+    trainer.fit_kwargs = dict(
+        epochs=ts.epochs, save_dir=config.checkpointing.save_dir, save_every=mon.save_every,
+        validate_every=mon.validate_every, early_stopping_patience=ts.early_stopping_patience,
+        gradient_clip_val=ts.gradient_clipping or 0.0, accumulate_grad_batches=ts.accumulate_grad_batches,
+        log_every=mon.log_every, steps_per_epoch=updates * ts.accumulate_grad_batches)
+    return trainer
+
+
+def build_monitor(config, is_main_process: bool = True):
+    from decode_accel.training.monitor import TrainingMonitor
+
+    mon = config.monitoring
+    return TrainingMonitor(log_dir=mon.log_dir, use_tensorboard=mon.use_tensorboard, use_wandb=mon.use_wandb,
+                           wandb_project=mon.wandb_project, wandb_config=config.model_dump(mode="json"),
+                           is_main_process=is_main_process)
+
+
+def resolve_default_config(name_or_path: str | os.PathLike | None) -> Path | None:
+    """A recipe's embedded config: a name in recipes/configs (``single_channel``) or a path."""
+    if name_or_path is None:
+        return None
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") and p.exists():
+        return p
+    candidate = RECIPE_CONFIG_DIR / f"{p.stem}.yaml"
+    if candidate.exists():
+        return candidate
+    raise DecodeAccelError("recipe config not found", path=candidate,
+                           fix="give --config FILE.yaml or reinstall decode_accel from a source checkout")
+
+
+def parse_recipe_args(argv: list[str], description: str = "") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=description or "Train a decode_accel network on on-the-fly simulated data.",
+        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: dotted config keys, e.g. training_strategy.epochs=5 data.batch_size=8\n"
+               "multi-process CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 RECIPE "
+               "--cpu")
+    parser.add_argument("--config", default=None, help="YAML/JSON config; defaults to the recipe's own")
+    parser.add_argument("--output_dir", default=None,
+                        help="run folder: checkpoints/, logs/ and export/ go inside (overrides those paths)")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU (needed for multi-process CPU runs)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument("--mixed_precision", default=None, choices=list(_PRECISIONS),
+                        help="override the config and launcher (no = fp32)")
+    parser.add_argument("--teacher", default=None, help="teacher export folder (distillation recipes)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    args = parser.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise DecodeAccelError(f"override {bad[0]!r} is not key=value", field="overrides",
+                               fix="write e.g. training_strategy.epochs=5")
+    return args
+
+
+def run_from_cli(argv: list[str], default_config: str | os.PathLike | None = None, description: str = "",
+                 require_teacher: bool = False) -> dict:
+    """Parse recipe flags, build everything from the config and train; returns the history.
+
+    Flags: ``--config FILE.yaml``, ``key=value`` overrides, ``--cpu``, ``--resume``, ``--output_dir DIR``,
+    ``--mixed_precision {no,bf16,fp16,fp8}``, ``--teacher DIR``.
+    """
+    from decode_accel.training.config import load_config, save_config
+
+    args = parse_recipe_args(list(argv), description)
+    overrides = list(args.overrides)
+    if args.output_dir is not None:
+        out = Path(args.output_dir)
+        overrides += [f"checkpointing.save_dir={out / 'checkpoints'}", f"monitoring.log_dir={out / 'logs'}"]
+    if args.teacher is not None:
+        overrides.append(f"distillation.teacher={args.teacher}")
+    config = load_config(args.config or resolve_default_config(default_config), overrides)
+    if require_teacher and not config.distillation.teacher:
+        raise DecodeAccelError("this recipe needs a teacher", field="distillation.teacher",
+                               fix="pass --teacher EXPORT_DIR (the export folder of a trained model)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from decode_accel.training.preemption import PreemptionHook
+    # SIGTERM/SIGINT (cluster pre-emption, Ctrl-C) -> checkpoint at the next update, then exit; rerun with --resume
+    trainer = build_trainer(config, cpu=True if args.cpu else None, mixed_precision=args.mixed_precision,
+                            hooks=(PreemptionHook(),))
+    acc = trainer.accelerator
+    train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
+    monitor = build_monitor(config, is_main_process=acc.is_main_process)
+    run_dir = Path(args.output_dir) if args.output_dir else Path(config.checkpointing.save_dir).parent
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.resolved.yaml")
+    acc.print(f"decode_accel: {acc.num_processes} process(es) on {acc.device}, mixed precision "
+              f"{acc.mixed_precision}, {trainer.fit_kwargs['epochs']} epoch(s) x "
+              f"{trainer.fit_kwargs['steps_per_epoch']} batch(es)")
+    try:
+        history = trainer.train(train_loader, val_loader, resume=args.resume, monitor=monitor,
+                                export_dir=run_dir / "export", **trainer.fit_kwargs)
+    finally:
+        monitor.close()
+    acc.print(f"done: best val_loss {history['best_val_loss']} at epoch {history['best_epoch']}, "
+              f"{history['total_time']:.1f} s; export in {run_dir / 'export'}")
+    return history
