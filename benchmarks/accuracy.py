@@ -48,7 +48,7 @@ BUDGETS = {
     "cpu": dict(overrides=["model.preset=cpu_small", "simulation.frame.height=32", "simulation.frame.width=32",
                            "data.batch_size=16", "data.steps_per_epoch=100", "data.val_samples=64",
                            "monitoring.validate_every=1000", "monitoring.use_tensorboard=false",
-                           "training_strategy.epochs=10000", "scheduler.type=none"],
+                           "training_strategy.epochs=10000", "scheduler={type: none}"],
                 minutes=10.0, test_frames=200, tune_frames=60, cpu=True),
     # the scenario files unchanged (DECODE-size network); meant for one GPU
     "gpu": dict(overrides=[], minutes=None, test_frames=1000, tune_frames=200, cpu=False),

@@ -177,6 +177,16 @@ class BaseTrainer:
     def _timed(self, name: str):
         return self._timer(name) if self._timer is not None else contextlib.nullcontext()
 
+    def _waiting_for_data(self, batches):
+        """Yield the batches, timing each wait for the next one as the monitor's 'data' phase."""
+        iterator = iter(batches)
+        while True:
+            with self._timed("data"):
+                batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -291,7 +301,7 @@ class BaseTrainer:
         self.accelerator.step = 0  # the accumulation counter starts each epoch at a group boundary
         sums: dict[str, float] = {}
         count, group = 0, 0
-        for i, batch in enumerate(batches, start=self._skip_batches):
+        for i, batch in enumerate(self._waiting_for_data(batches), start=self._skip_batches):
             self.batch_idx = i
             if group == 0:
                 self._fire("on_step_start")
