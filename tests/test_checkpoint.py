@@ -254,8 +254,15 @@ def _two_process_save_and_resume(folder):
 
 
 def test_two_processes_write_one_checkpoint_with_an_rng_file_per_rank(tmp_path):
-    from accelerate import debug_launcher
-    debug_launcher(_two_process_save_and_resume, args=(str(tmp_path),), num_processes=2)
+    # a fresh interpreter: forking ranks from a pytest process whose OpenMP threads already ran can hang
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = [torch.load(tmp_path / f"result{r}.pt") for r in (0, 1)]
     assert results[0]["path"] == results[1]["path"] == str(tmp_path / "step-7")
     assert all(r["equal"] for r in results)  # each rank resumed its own stream
@@ -265,3 +272,10 @@ def test_two_processes_write_one_checkpoint_with_an_rng_file_per_rank(tmp_path):
                      "rng_rank1.pt", "trainer_state.json"]
     keys = set(load_file(str(tmp_path / "step-7" / "model.safetensors")))
     assert keys == set(tiny_model().state_dict())  # no DDP "module." prefix
+
+
+if __name__ == "__main__":
+    import sys
+
+    from accelerate import debug_launcher
+    debug_launcher(_two_process_save_and_resume, args=(sys.argv[1],), num_processes=2)
