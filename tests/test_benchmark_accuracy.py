@@ -1,0 +1,41 @@
+"""The accuracy benchmark and the demo keep working (tiny budgets: their numbers mean nothing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def test_accuracy_benchmark_runs_end_to_end_in_tiny_mode_and_writes_its_table(tmp_path):
+    out_json = tmp_path / "accuracy.json"
+    proc = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--budget", "tiny", "--scenarios", "a,d_low",
+                           "--out", str(tmp_path / "runs"), "--json", str(out_json)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scenario a: a_2d_low_density" in proc.stdout and "JI" in proc.stdout
+    results = json.loads(out_json.read_text())["results"]
+    a, d = results["a"], results["d_low"]
+    # held-out movies use seeds the training stream never draws, tuning and test movies differ
+    assert a["test_seed"] != a["tuning_seed"] and a["test_seed"] >= 7_000_000_000
+    for key in ("jaccard", "recall", "precision", "eff_lat"):
+        assert key in a["decode_accel"]["all"] and key in a["decode_accel"]["bright"]
+    assert isinstance(a["picasso"], dict) and 0 <= a["picasso"]["all"]["jaccard"] <= 1
+    assert "crosstalk" in d["decode_accel"]["all"]
+    assert (tmp_path / "runs" / "tiny" / "a_2d_low_density" / "learning_curve.png").stat().st_size > 0
+
+
+def test_demo_trains_predicts_and_prints_the_metrics_table(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "decode_accel.cli", "demo", "--out", str(tmp_path), "--minutes",
+                           "0.05", "--test-frames", "4", "model.preset=tiny", "simulation.frame.height=16",
+                           "simulation.frame.width=16", "data.steps_per_epoch=2", "data.val_samples=4",
+                           "data.num_workers=0"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[3/3]" in proc.stdout and "JI" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "jaccard" in metrics["assess"]["all"]
+    assert (tmp_path / "held_out_locs.csv").read_text().startswith('"id","frame"')
