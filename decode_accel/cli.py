@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"decode-accel {command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+    except OSError as err:  # missing file, permission, disk full, read-only file system, ...
         if debug:
             raise
-        print(f"decode-accel {command}: error: {err.strerror or err}: {err.filename}", file=sys.stderr)
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"decode-accel {command}: error: {err.strerror or err}{where} (add --debug for details)",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"decode-accel {command}: interrupted", file=sys.stderr)

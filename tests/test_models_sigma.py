@@ -185,7 +185,7 @@ def test_a_channels_last_model_saves_and_gives_the_same_outputs(tmp_path):
         model = model.to(memory_format=torch.channels_last)
         got = model(frames)
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         again = SigmaMUNet.from_pretrained(tmp_path).eval()(frames)

@@ -271,7 +271,11 @@ def load_checkpoint(folder: str | os.PathLike, *, rank: int | None = None, verif
     if rank is None:
         rank = int(os.environ.get("RANK", 0))
     files = manifest["files"]
-    model_state = load_file(str(folder / "model.safetensors"), device="cpu")
+    try:
+        model_state = load_file(str(folder / "model.safetensors"), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for damaged files
+        raise DecodeAccelError(f"model.safetensors is damaged ({type(err).__name__})", path=folder,
+                               fix="resume from an older step-N folder or delete this one") from None
     rng_name = f"rng_rank{rank}.pt"
     rng_state = _torch_load(folder / rng_name) if rng_name in files else None
     if rng_state is None:

@@ -645,6 +645,9 @@ def _read_mapping(path: Path) -> dict:
         raise DecodeAccelError("config file not found", path=path, fix="check the path") from None
     except OSError as err:
         raise DecodeAccelError(f"cannot read config file: {err.strerror}", path=path) from None
+    except UnicodeDecodeError as err:
+        raise DecodeAccelError(f"not a UTF-8 text file (byte {err.start})", path=path,
+                               fix="give a YAML or JSON config file") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:

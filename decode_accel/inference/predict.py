@@ -1,0 +1,517 @@
+"""Localize a whole movie: ADU -> photons -> 3-frame windows -> network -> maps -> table (nm).
+
+:func:`predict` streams over the movie batch by batch, so memory does not grow with the movie:
+
+* frames are read lazily (:mod:`decode_accel.inference.movie`) and converted from ADU to photons
+  with the model's camera (overridable);
+* frame t is analysed in the window (t-1, t, t+1); at the first and last frame of the *movie* the
+  missing neighbour is the frame itself (edge replication). A ``frames`` range or a split over
+  processes uses the true neighbours, so results never depend on how the movie was cut up;
+* with feature caching, each frame's stage-1 features are computed once
+  (``model.encode_frames``) and reused by the three windows containing it (``model.decode_windows``),
+  carried from batch to batch in a two-frame ring buffer;
+* frames of any size are tiled (:mod:`decode_accel.inference.tiling`), identical to untiled inference;
+* each batch is post-processed into table rows (``PostProcessor``);
+* with an output path, the table is written in chunks of frames (part files + ``progress.json`` in
+  ``<out>.parts/``), so ``resume=True`` continues a stopped run without losing or repeating rows;
+  the final files (ThunderSTORM CSV and/or Picasso HDF5 + YAML) are written atomically;
+* with an Accelerator, chunks are split between processes and the tables merged in frame order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from decode_accel.errors import DecodeAccelError
+from decode_accel.inference.movie import Movie, open_movie, parse_frames
+from decode_accel.inference.tiling import (Stitcher, pad_to_canvas, plan_tiles, receptive_field_radius,
+                                           size_multiple)
+
+__all__ = ["predict", "predict_main", "resolve_model"]
+
+#: frames per resumable chunk (one part file each) when not given.
+DEFAULT_CHUNK_FRAMES = 1000
+#: default tile edge (px): larger frames are tiled.
+DEFAULT_TILE_SIZE = 512
+
+
+# ------------------------------------------------------------------------------------ model
+class _Resolved:
+    """The pieces predict needs, whichever form the model came in."""
+
+    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name):
+        self.net, self.px_size_nm, self.camera = net, px_size_nm, camera
+        self.n_channels, self.dye_table, self.name = n_channels, dye_table, name
+
+
+def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = None,
+                  frame_shape: tuple[int, int] | None = None) -> _Resolved:
+    """Accept an export folder / Hub id (str or Path), an ``ExportedModel`` or a bare ``nn.Module``.
+
+    A bare module needs ``px_size_nm`` (nm) and ``camera`` from the caller; an export carries both.
+    """
+    name = "model"
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+        from decode_accel.hub import load_exported
+        model = load_exported(model)
+    if isinstance(model, torch.nn.Module):
+        net = model
+        n_channels = getattr(net, "in_channels", None)
+        dye_table, own_camera, own_px = None, None, None
+    else:
+        net = getattr(model, "model", None)
+        if not isinstance(net, torch.nn.Module):
+            raise DecodeAccelError(f"expected an export folder, an ExportedModel or a torch module, got "
+                                   f"{type(model).__name__}", field="model")
+        n_channels = getattr(model, "n_channels", None) or getattr(net, "in_channels", None)
+        dye_table = getattr(model, "dye_table", None)
+        own_camera = getattr(model, "camera", None)
+        own_px = getattr(model, "px_size_nm", None)
+    px = px_size_nm if px_size_nm is not None else own_px
+    if px is None or not px > 0:
+        raise DecodeAccelError("the model's pixel size is unknown", field="px_size_nm",
+                               fix="pass px_size_nm=... (nm) or use an export folder, which stores it")
+    cam = _load_camera(camera, frame_shape) if camera is not None else own_camera
+    if cam is None:
+        raise DecodeAccelError("no camera to convert ADU to photons", field="camera",
+                               fix="pass camera=... (or --camera camera.yaml) or use an export folder, which stores it")
+    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name)
+
+
+def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
+    """A camera object (with ``to_photons``) from an object, a CameraConfig, a dict or a YAML file.
+
+    ``frame_shape`` (H, W) is needed by sCMOS per-pixel maps only.
+    """
+    if hasattr(camera, "to_photons"):
+        return camera
+    if isinstance(camera, (str, os.PathLike)):
+        path = Path(camera)
+        if not path.exists():
+            raise DecodeAccelError("camera file not found", path=path, field="--camera")
+        import yaml
+        try:
+            camera = yaml.safe_load(path.read_text())
+        except Exception as exc:
+            raise DecodeAccelError(f"not valid YAML ({type(exc).__name__})", path=path, field="--camera") from None
+        if isinstance(camera, dict) and isinstance(camera.get("camera"), dict):
+            camera = camera["camera"]
+    from decode_accel.simulation.camera import Camera  # the simulator's camera model and its inverse
+    from decode_accel.simulation.config import CameraConfig
+    if isinstance(camera, dict):
+        try:
+            camera = CameraConfig(**camera)
+        except Exception as exc:
+            raise DecodeAccelError(" ".join(str(exc).split()), field="camera",
+                                   fix="see CameraConfig for the fields") from None
+    if isinstance(camera, CameraConfig):
+        return Camera(camera, frame_shape=frame_shape)
+    raise DecodeAccelError(f"cannot use {type(camera).__name__} as a camera", field="camera")
+
+
+def _to_photons(camera, adu: torch.Tensor) -> torch.Tensor:
+    out = camera.to_photons(adu)
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(np.asarray(out), dtype=torch.float32, device=adu.device)
+    return out.float()
+
+
+def _camera_signature(camera, movie: Movie):
+    """What the camera does, not where it lives in memory: its config, else its response to a probe."""
+    cfg = getattr(camera, "cfg", None)
+    if hasattr(cfg, "model_dump"):
+        return cfg.model_dump(mode="json")
+    probe = torch.linspace(0, 2000, movie.height * movie.width).reshape(1, 1, movie.height, movie.width)
+    probe = probe.expand(1, movie.n_channels, movie.height, movie.width).contiguous()
+    return hashlib.sha256(_to_photons(camera, probe).numpy().tobytes()).hexdigest()[:16]
+
+
+def _model_fingerprint(net: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ post-processing
+def _make_postprocessor(resolved: _Resolved, threshold: float | None, postprocessor=None):
+    if postprocessor is not None:
+        return postprocessor
+    from decode_accel.inference.postprocess import PostProcessor
+    kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table)
+    if threshold is not None:
+        kwargs["threshold"] = threshold
+    return PostProcessor(**kwargs)
+
+
+# ------------------------------------------------------------------------------ streaming core
+class _FrameStream:
+    """Turns frame batches of one movie into output maps, tiling and caching features."""
+
+    def __init__(self, net, movie: Movie, camera, *, device, tile_size, cache_features, autocast_dtype):
+        self.net, self.movie, self.camera, self.device = net, movie, camera, device
+        self.autocast_dtype = autocast_dtype
+        self.cache = cache_features and hasattr(net, "encode_frames") and hasattr(net, "decode_windows")
+        if cache_features and not self.cache:
+            warnings.warn("the model has no encode_frames/decode_windows: running without feature caching",
+                          stacklevel=3)
+        stride = size_multiple(net)
+        h, w = movie.height, movie.width
+        canvas = max(-(-h // stride), -(-w // stride)) * stride
+        margin = 0
+        if tile_size is not None and canvas > tile_size:
+            margin = receptive_field_radius(net, movie.n_channels, stride=stride)
+            if margin is None:
+                warnings.warn("the model's receptive field covers the whole frame (global normalization?): "
+                              "running untiled", stacklevel=3)
+                tile_size, margin = None, 0
+        self.plan = plan_tiles(h, w, tile_size=tile_size, margin=margin, stride=stride)
+        self.ring: dict[int, tuple[int, torch.Tensor]] = {}  # tile -> (first frame, features)
+        self.encoded_frames = 0  # how many single-frame stage-1 passes ran (for tests/benchmarks)
+
+    def reset(self):
+        """Forget cached features (the next batch is not adjacent to the previous one)."""
+        self.ring.clear()
+
+    def _photons(self, lo: int, hi: int) -> torch.Tensor:
+        adu = torch.from_numpy(np.ascontiguousarray(self.movie.read(slice(lo, hi + 1)), dtype=np.float32))
+        photons = _to_photons(self.camera, adu.to(self.device))
+        return pad_to_canvas(photons, self.plan.canvas_h, self.plan.canvas_w)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def maps(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Output maps ``(b - a, [C,] H, W)`` of frames ``[a, b)`` (windows with true neighbours)."""
+        last = self.movie.n_frames - 1
+        lo, hi = max(a - 1, 0), min(b, last)
+        t = np.arange(a, b)
+        prev, nxt = np.maximum(t - 1, 0) - lo, np.minimum(t + 1, last) - lo
+        cur = t - lo
+        stitch = Stitcher(self.plan)
+        if not self.cache:
+            photons = self._photons(lo, hi)
+            windows = torch.stack([photons[prev], photons[cur], photons[nxt]], dim=2)  # (n, C, 3, H, W)
+            for tile in self.plan.tiles:
+                with self._autocast():
+                    out = self.net(windows[..., tile.y0:tile.y0 + tile.h, tile.x0:tile.x0 + tile.w])
+                stitch.paste(tile, out)
+            return stitch.result()
+        photons, p_lo = None, None
+        for k, tile in enumerate(self.plan.tiles):
+            first, feats = self.ring.get(k, (None, None))
+            if first is None or first > lo or first + len(feats) - 1 < lo:
+                first, feats = lo, None  # nothing usable cached: encode the whole range
+            have_hi = first + len(feats) - 1 if feats is not None else lo - 1
+            if have_hi < hi:
+                if photons is None:
+                    p_lo = have_hi + 1
+                    photons = self._photons(p_lo, hi)
+                crop = photons[have_hi + 1 - p_lo:, :, tile.y0:tile.y0 + tile.h, tile.x0:tile.x0 + tile.w]
+                with self._autocast():
+                    new = self.net.encode_frames(crop)
+                self.encoded_frames += len(crop) if k == 0 else 0
+                feats = new if feats is None else torch.cat([feats, new], dim=0)
+            feats = feats[lo - first:]  # features of frames lo..hi
+            with self._autocast():
+                out = self.net.decode_windows(feats[prev], feats[cur], feats[nxt])
+            stitch.paste(tile, out)
+            # the next batch starts at b: it needs frames b-1 and b, the last two of this range
+            keep_from = max(b - 1, lo)
+            self.ring[k] = (keep_from, feats[keep_from - lo:])
+        return stitch.result()
+
+
+def _resolve_device(device, accelerator):
+    if accelerator is not None:
+        return accelerator.device
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _auto_batch_size(plan, device) -> int:
+    tile_px = max(t.h * t.w for t in plan.tiles)
+    budget = 2 ** 22 if torch.device(device).type == "cuda" else 2 ** 18
+    return int(np.clip(budget // tile_px, 1, 256))
+
+
+# ------------------------------------------------------------------------------ files
+def _write_outputs(df: pd.DataFrame, outs: list[Path], *, px_size_nm, width, height, n_frames) -> None:
+    """Write the final table(s) via decode_accel.io (atomic: temporary file + rename)."""
+    from decode_accel.io import write_table
+    for o in outs:
+        o.parent.mkdir(parents=True, exist_ok=True)
+        write_table(df, o, px_size_nm=px_size_nm, width=width, height=height, n_frames=n_frames)
+
+
+def _write_part(df: pd.DataFrame, path: Path) -> None:
+    """One chunk's rows as a parquet part file, written atomically (tmp + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    df.reset_index(drop=True).to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _movie_signature(movie: Movie) -> list:
+    sig = []
+    for p in movie.paths:
+        p = Path(p)
+        if p.exists():
+            st = p.stat()
+            sig.append([str(p.resolve()), st.st_size, int(st.st_mtime)])
+        else:
+            sig.append([str(p), list(movie.shape)])
+    return sig
+
+
+def _merge(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        from decode_accel.table import empty_table
+        return empty_table()
+    non_empty = [t for t in tables if len(t)]
+    df = pd.concat(non_empty or tables[:1], ignore_index=True)
+    df = df.sort_values("frame", kind="stable").reset_index(drop=True)
+    if "id" not in df.columns or df["id"].duplicated().any():
+        # ids from per-batch post-processing restart in every batch: make them unique per row
+        df["id"] = np.arange(len(df), dtype=np.int64)
+    return df
+
+
+# ------------------------------------------------------------------------------ predict
+def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLike] | None = None, camera=None,
+            batch_size: int | None = None, frames: str | slice | tuple | None = None,
+            tile_size: int | None = DEFAULT_TILE_SIZE, threshold: float | None = None, resume: bool = False,
+            cache_features: bool = True, progress: bool = True, device=None, accelerator=None,
+            px_size_nm: float | None = None, check_px_size: bool = True, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+            mixed_precision: str | None = None, postprocessor=None) -> pd.DataFrame:
+    """Localize every emitter in a movie and return (and optionally write) the table.
+
+    Args:
+        model: export folder or Hub id, an ``ExportedModel`` (:func:`decode_accel.hub.load_exported`)
+            or a bare network (then give ``px_size_nm`` and ``camera``).
+        inputs: a TIFF / OME-TIFF path, one path per channel, a :class:`Movie`, or an array
+            ``(T, [C,] H, W)`` in camera ADU.
+        out: output path(s): ``.csv`` (ThunderSTORM, nm, 1-based frames) and/or ``.hdf5``/``.h5``
+            (Picasso, px, with the ``.yaml`` sidecar). None: only return the table.
+        camera: overrides the model's camera (object with ``to_photons``, CameraConfig, dict or YAML path).
+        batch_size: frames per network call (default: from the tile size and the device).
+        frames: ``"A:B"`` / ``slice`` / ``(A, B)``: the 0-based frame range to localize (B exclusive).
+        tile_size: tile edge (px); larger frames are tiled with exact stitching. None: never tile.
+        threshold: detection threshold of the post-processing (default: the post-processor's).
+        resume: continue a stopped run from the part files next to ``out``.
+        cache_features: compute each frame's stage-1 features once (about 40 % less compute).
+        progress: show a tqdm progress bar (main process only).
+        device: torch device (default: the accelerator's, else CUDA if available, else CPU).
+        accelerator: an ``accelerate.Accelerator``: chunks are split between its processes.
+        px_size_nm: pixel size (nm) for a bare network; an export's own value otherwise.
+        check_px_size: compare the pixel size in the movie's metadata with the model's.
+        chunk_frames: frames per resumable part file.
+        mixed_precision: 'no', 'bf16' or 'fp16'; default bf16 on CUDA, fp32 elsewhere.
+        postprocessor: a callable ``(output, frame_offset=...) -> DataFrame`` replacing the default.
+
+    Returns:
+        The localization table (docs/architecture.md): frame (0-based), x, y, z (nm), photons, ...,
+        sorted by frame; on every process when run with an accelerator.
+    """
+    movie = open_movie(inputs)
+    resolved = resolve_model(model, px_size_nm=px_size_nm, camera=camera, frame_shape=(movie.height, movie.width))
+    net = resolved.net
+    movie.check(n_channels=resolved.n_channels, px_size_nm=resolved.px_size_nm if check_px_size else None)
+    sel = parse_frames(frames, movie.n_frames)
+    if chunk_frames < 1:
+        raise DecodeAccelError(f"must be >= 1, got {chunk_frames}", field="chunk_frames")
+    outs = [] if out is None else [Path(out)] if isinstance(out, (str, os.PathLike)) else [Path(o) for o in out]
+    for o in outs:
+        if o.suffix.lower() not in (".csv", ".hdf5", ".h5"):
+            raise DecodeAccelError(f"unknown output format {o.suffix!r}", path=o, field="--out",
+                                   fix="use .csv (ThunderSTORM) or .hdf5 (Picasso)")
+    if resume and not outs:
+        raise DecodeAccelError("resume needs an output path to keep progress next to", field="resume",
+                               fix="pass out=... (--out)")
+
+    device = _resolve_device(device, accelerator)
+    if mixed_precision is None:
+        mixed_precision = (accelerator.mixed_precision if accelerator is not None
+                           else "bf16" if device.type == "cuda" else "no")
+    autocast_dtype = {"no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, "?")
+    if autocast_dtype == "?":
+        raise DecodeAccelError(f"unknown precision {mixed_precision!r}", field="mixed_precision",
+                               fix="use 'no', 'bf16' or 'fp16'")
+    was_training = net.training
+    net.eval().to(device)
+    post = _make_postprocessor(resolved, threshold, postprocessor)
+    stream = _FrameStream(net, movie, resolved.camera, device=device, tile_size=tile_size,
+                          cache_features=cache_features, autocast_dtype=autocast_dtype)
+    batch = int(batch_size) if batch_size else _auto_batch_size(stream.plan, device)
+    if batch < 1:
+        raise DecodeAccelError(f"must be >= 1, got {batch_size}", field="batch_size")
+
+    # Chunks of the selected range: the unit of resumption and of the split between processes.
+    starts = list(range(sel.start, sel.stop, chunk_frames))
+    chunks = [(s, min(s + chunk_frames, sel.stop)) for s in starts]
+    is_main = accelerator.is_main_process if accelerator is not None else True
+
+    parts_dir = None
+    done: set[int] = set()
+    if outs:
+        parts_dir = outs[0].parent / f"{outs[0].name}.parts"
+        settings = dict(movie=_movie_signature(movie), frames=[sel.start, sel.stop], chunk_frames=chunk_frames,
+                        model=_model_fingerprint(net), threshold=threshold, px_size_nm=resolved.px_size_nm,
+                        camera=_camera_signature(resolved.camera, movie))
+        record = parts_dir / "progress.json"
+        if is_main:
+            if resume and record.exists():
+                old = json.loads(record.read_text())
+                if old.get("settings") != json.loads(json.dumps(settings)):
+                    raise DecodeAccelError("the saved progress was made with other settings (movie, frames, model, "
+                                           "threshold or camera)", path=record, field="--resume",
+                                           fix="rerun with the same settings, or without --resume to start over")
+            elif parts_dir.exists():
+                shutil.rmtree(parts_dir)
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            if not record.exists():
+                _write_json(dict(settings=settings, chunks=chunks, done=[]), record)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if resume:
+            done = {i for i in range(len(chunks)) if (parts_dir / f"part-{i:06d}.parquet").exists()}
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(list(range(len(chunks)))) as mine:
+            my_chunks = list(mine)
+    else:
+        my_chunks = list(range(len(chunks)))
+    todo = [i for i in my_chunks if i not in done]
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(chunks[i][1] - chunks[i][0] for i in todo), unit="frame",
+               disable=not (progress and is_main), desc="predict")
+    local_tables: list[pd.DataFrame] = []
+    previous_end = None
+    try:
+        for i in todo:
+            c0, c1 = chunks[i]
+            if previous_end != c0:
+                stream.reset()
+            rows = []
+            for a in range(c0, c1, batch):
+                b = min(a + batch, c1)
+                maps = stream.maps(a, b)
+                rows.append(post(maps, frame_offset=a))
+                bar.update(b - a)
+            previous_end = c1
+            table = _merge_rows(rows)
+            if parts_dir is not None:
+                _write_part(table, parts_dir / f"part-{i:06d}.parquet")
+                if is_main:
+                    rec = json.loads((parts_dir / "progress.json").read_text())
+                    rec["done"] = sorted(set(rec["done"]) | {i})
+                    _write_json(rec, parts_dir / "progress.json")
+            else:
+                local_tables.append(table)
+    finally:
+        bar.close()
+        if was_training:
+            net.train()
+
+    if parts_dir is None:
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+            local_tables = gather_object(local_tables)
+        return _with_attrs(_merge(local_tables), resolved, movie)
+
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    df = _merge([pd.read_parquet(parts_dir / f"part-{i:06d}.parquet") for i in range(len(chunks))])
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if is_main:
+        _write_outputs(df, outs, px_size_nm=resolved.px_size_nm, width=movie.width, height=movie.height,
+                       n_frames=movie.n_frames)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return _with_attrs(df, resolved, movie)
+
+
+def _with_attrs(df: pd.DataFrame, resolved: _Resolved, movie: Movie) -> pd.DataFrame:
+    """Record the camera geometry on the table (pandas ``attrs``) for rendering and writing."""
+    df.attrs.update(px_size_nm=resolved.px_size_nm, width=movie.width, height=movie.height,
+                    n_frames=movie.n_frames)
+    return df
+
+
+def _merge_rows(rows: list[pd.DataFrame]) -> pd.DataFrame:
+    rows = [r for r in rows if r is not None]
+    non_empty = [r for r in rows if len(r)]
+    if non_empty:
+        return pd.concat(non_empty, ignore_index=True)
+    return rows[0].iloc[:0].copy() if rows else pd.DataFrame()
+
+
+# ------------------------------------------------------------------------------ CLI
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decode-accel predict",
+                                description="Localize emitters in a TIFF movie with a trained (exported) model.")
+    p.add_argument("--model", required=True, help="export folder or Hugging Face Hub id")
+    p.add_argument("--input", action="append", required=True,
+                   help="movie (TIFF/OME-TIFF); give it twice for two channels in two files")
+    p.add_argument("--out", action="append", required=True,
+                   help="output table: .csv (ThunderSTORM) and/or .hdf5 (Picasso + .yaml); may repeat")
+    p.add_argument("--camera", help="camera YAML overriding the model's camera (ADU -> photons)")
+    p.add_argument("--batch-size", type=int, default=None, help="frames per network call")
+    p.add_argument("--frames", default=None, help="0-based frame range A:B (B exclusive), e.g. 0:1000")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile edge in px (default 512)")
+    p.add_argument("--threshold", type=float, default=None, help="detection threshold (probability)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run (keeps <out>.parts/)")
+    p.add_argument("--no-cache", action="store_true", help="recompute stage-1 features for every window")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--ignore-px-size", action="store_true",
+                   help="do not compare the movie's pixel-size metadata with the model's")
+    p.add_argument("--render", default=None, help="also render a super-resolution image (.png or .tif)")
+    p.add_argument("--render-px", type=float, default=10.0, help="pixel size of the rendered image (nm)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``decode-accel predict ...``: returns the exit code (0 ok, 2 bad input)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        df = predict(args.model, args.input if len(args.input) > 1 else args.input[0], out=args.out,
+                     camera=args.camera, batch_size=args.batch_size, frames=args.frames, tile_size=args.tile_size,
+                     threshold=args.threshold, resume=args.resume, cache_features=not args.no_cache,
+                     progress=not args.no_progress, device=args.device, check_px_size=not args.ignore_px_size)
+        if args.render:
+            from decode_accel.inference.render import render
+            render(df, px_size_nm=args.render_px, out=args.render)
+    except DecodeAccelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(df)} localizations -> {', '.join(args.out)}")
+    return 0
