@@ -169,9 +169,6 @@ def _read_h5_fully(path):
     _ = movie.emitters, movie.label_min_photons
 
 
-@pytest.mark.xfail(strict=True, reason="decode_accel/data/hdf5.py read_hdf5 lets h5py errors out of damaged files: "
-                                       "OSError 'filter returned failure during read', RuntimeError 'wrong B-tree "
-                                       "signature', KeyError 'unable to determine object type' (h10 report)")
 @FUZZ
 @given(edits=EDITS, truncate=TRUNCATE)
 def test_only_decode_accel_errors_escape_the_hdf5_reader_on_damaged_bytes(tmp_path_factory, valid_h5, edits,
@@ -190,9 +187,6 @@ SHAPES = st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple)
 DTYPES = st.sampled_from(["uint16", "float32", "float64", "int8", "bool"])
 
 
-@pytest.mark.xfail(strict=True, reason="decode_accel/data/hdf5.py read_hdf5: attrs format_version='{}' -> "
-                                       "ValueError from int(); a bool/str frames dataset -> TypeError from np.isfinite "
-                                       "(h10 report)")
 @FUZZ
 @given(attrs=st.dictionaries(st.sampled_from(["format_version", "px_size", "camera", "simulation_config",
                                               "label_min_photons"]), H5_VALUES),
@@ -219,9 +213,7 @@ def test_only_decode_accel_errors_escape_the_hdf5_reader_on_random_structure(tmp
 
 
 # ---------------------------------------------------------------------------------------------- TIFF movies
-@pytest.mark.parametrize("kind", ["missing", "folder", "text", pytest.param("truncated", marks=pytest.mark.xfail(
-    strict=True, reason="inference/movie.py: a truncated 20-frame TIFF is read as ONE frame (tifffile 'shaped series "
-                        "failed to reshape' is only logged) and predict exits 0 (h10 report)")), "truncated_uncompressed", "two_channels"])
+@pytest.mark.parametrize("kind", ["missing", "folder", "text", "truncated", "truncated_uncompressed", "two_channels"])
 def test_a_bad_movie_is_refused_with_the_file_name(tmp_path, capsys, export_dir, valid_tiff, kind):
     movie = tmp_path / "movie.tif"
     if kind == "folder":
@@ -333,9 +325,6 @@ def _load_ckpt_fully(folder: Path):
     restore_checkpoint(ckpt, model, torch.optim.Adam(model.parameters()), restore_rng=False)
 
 
-@pytest.mark.xfail(strict=True, reason="decode_accel/training/checkpoint.py load_checkpoint: a damaged "
-                                       "model.safetensors with a consistent manifest raises SafetensorError from "
-                                       "load_file (not wrapped in DecodeAccelError) (h10 report)")
 @FUZZ
 @given(victim=st.sampled_from(CKPT_FILES), edits=EDITS, truncate=TRUNCATE, reseal=st.booleans())
 def test_only_decode_accel_errors_escape_the_checkpoint_loader(tmp_path_factory, valid_checkpoint, victim, edits,
@@ -363,8 +352,6 @@ TREES = st.recursive(YAML_LEAVES, lambda inner: st.dictionaries(KEYS, inner, max
                      max_leaves=12)
 
 
-@pytest.mark.xfail(strict=True, reason="decode_accel/training/config.py:617 _read_mapping: a non-UTF-8 config "
-                                       "file raises UnicodeDecodeError (only OSError is caught) (h10 report)")
 @FUZZ
 @given(tree=st.dictionaries(st.sampled_from(SECTIONS), TREES, max_size=5) | TREES,
        raw=st.none() | st.binary(max_size=64))

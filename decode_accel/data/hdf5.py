@@ -290,65 +290,77 @@ def read_hdf5(path: str | os.PathLike) -> MovieFile:
         f = h5py.File(path, "r")
     except OSError:
         raise DecodeAccelError("not an HDF5 file", path=path, fix="give a .h5 written by decode-accel simulate") from None
-    with f:
-        version = f.attrs.get("format_version")
-        if version is None:
-            raise DecodeAccelError("missing attribute", path=path, field="format_version",
+    try:
+        with f:
+            return _read_open_hdf5(f, path)
+    except DecodeAccelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - h5py raises OSError/RuntimeError/KeyError/... on damaged files
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DecodeAccelError(f"damaged or malformed HDF5 file ({type(err).__name__}: {first})", path=path,
+                               fix="re-create it with decode-accel simulate or decode_accel.data.write_hdf5") from None
+
+
+def _read_open_hdf5(f: h5py.File, path: Path) -> MovieFile:
+    """The checks of :func:`read_hdf5` on an open file."""
+    version = f.attrs.get("format_version")
+    if version is None:
+        raise DecodeAccelError("missing attribute", path=path, field="format_version",
+                               fix="write the file with decode_accel.data.write_hdf5")
+    if int(version) > FORMAT_VERSION:
+        raise DecodeAccelError(f"format_version {int(version)} is newer than this decode_accel reads "
+                               f"({FORMAT_VERSION})", path=path, field="format_version", fix="upgrade decode_accel")
+    px_size = f.attrs.get("px_size")
+    if px_size is None or not np.isfinite(px_size) or float(px_size) <= 0:
+        raise DecodeAccelError(f"pixel size {px_size!r} is missing or not positive", path=path, field="px_size",
+                               fix="store the pixel size in nm")
+    camera = _json_attr(f, "camera", path, required=True)
+    if not isinstance(camera, dict):
+        raise DecodeAccelError("camera attribute is not a JSON object", path=path, field="camera")
+    psf = _json_attr(f, "psf", path, required=False)
+    sim_cfg = _json_attr(f, "simulation_config", path, required=False)
+
+    for key in ("frames", "bg", "emitters"):
+        if key not in f:
+            raise DecodeAccelError("missing dataset" if key != "emitters" else "missing group", path=path, field=key,
                                    fix="write the file with decode_accel.data.write_hdf5")
-        if int(version) > FORMAT_VERSION:
-            raise DecodeAccelError(f"format_version {int(version)} is newer than this decode_accel reads "
-                                   f"({FORMAT_VERSION})", path=path, field="format_version", fix="upgrade decode_accel")
-        px_size = f.attrs.get("px_size")
-        if px_size is None or not np.isfinite(px_size) or float(px_size) <= 0:
-            raise DecodeAccelError(f"pixel size {px_size!r} is missing or not positive", path=path, field="px_size",
-                                   fix="store the pixel size in nm")
-        camera = _json_attr(f, "camera", path, required=True)
-        if not isinstance(camera, dict):
-            raise DecodeAccelError("camera attribute is not a JSON object", path=path, field="camera")
-        psf = _json_attr(f, "psf", path, required=False)
-        sim_cfg = _json_attr(f, "simulation_config", path, required=False)
+    dset = f["frames"]
+    if not isinstance(dset, h5py.Dataset) or dset.ndim != 4:
+        shape = getattr(dset, "shape", None)
+        raise DecodeAccelError(f"shape {shape}, expected (N, C, H, W)", path=path, field="frames")
+    if dset.dtype not in _FRAME_DTYPES:
+        raise DecodeAccelError(f"dtype {dset.dtype}, expected uint16 or float32 (ADU)", path=path, field="frames")
+    n_frames, c, h, w = dset.shape
+    if c not in (1, 2) or n_frames < 1 or h < 1 or w < 1:
+        raise DecodeAccelError(f"shape {dset.shape}: need N >= 1 frames, C = 1 or 2 channels, H, W >= 1",
+                               path=path, field="frames")
+    frames = dset[()]
+    if frames.dtype.kind == "f":
+        bad = ~np.isfinite(frames).reshape(n_frames, -1).all(axis=1)
+        if bad.any():
+            raise DecodeAccelError(f"NaN or inf in {int(bad.sum())} frame(s), first at frame {int(np.argmax(bad))}",
+                                   path=path, field="frames", fix="re-simulate or drop those frames")
 
-        for key in ("frames", "bg", "emitters"):
-            if key not in f:
-                raise DecodeAccelError("missing dataset" if key != "emitters" else "missing group", path=path, field=key,
-                                       fix="write the file with decode_accel.data.write_hdf5")
-        dset = f["frames"]
-        if not isinstance(dset, h5py.Dataset) or dset.ndim != 4:
-            shape = getattr(dset, "shape", None)
-            raise DecodeAccelError(f"shape {shape}, expected (N, C, H, W)", path=path, field="frames")
-        if dset.dtype not in _FRAME_DTYPES:
-            raise DecodeAccelError(f"dtype {dset.dtype}, expected uint16 or float32 (ADU)", path=path, field="frames")
-        n_frames, c, h, w = dset.shape
-        if c not in (1, 2) or n_frames < 1 or h < 1 or w < 1:
-            raise DecodeAccelError(f"shape {dset.shape}: need N >= 1 frames, C = 1 or 2 channels, H, W >= 1",
-                                   path=path, field="frames")
-        frames = dset[()]
-        if frames.dtype.kind == "f":
-            bad = ~np.isfinite(frames).reshape(n_frames, -1).all(axis=1)
-            if bad.any():
-                raise DecodeAccelError(f"NaN or inf in {int(bad.sum())} frame(s), first at frame {int(np.argmax(bad))}",
-                                       path=path, field="frames", fix="re-simulate or drop those frames")
+    bg = f["bg"][()] if isinstance(f["bg"], h5py.Dataset) else None
+    if bg is None or bg.shape not in ((n_frames, c), (n_frames, c, h, w)):
+        raise DecodeAccelError(f"shape {getattr(bg, 'shape', None)}, expected ({n_frames}, {c}) or "
+                               f"({n_frames}, {c}, {h}, {w})", path=path, field="bg")
+    if bg.dtype.kind not in "fiu":
+        raise DecodeAccelError(f"dtype {bg.dtype}, expected float32 photons/px", path=path, field="bg")
+    bg = bg.astype(np.float32)
+    if not np.all(np.isfinite(bg)) or (bg < 0).any():
+        raise DecodeAccelError("negative, NaN or inf background", path=path, field="bg")
 
-        bg = f["bg"][()] if isinstance(f["bg"], h5py.Dataset) else None
-        if bg is None or bg.shape not in ((n_frames, c), (n_frames, c, h, w)):
-            raise DecodeAccelError(f"shape {getattr(bg, 'shape', None)}, expected ({n_frames}, {c}) or "
-                                   f"({n_frames}, {c}, {h}, {w})", path=path, field="bg")
-        if bg.dtype.kind not in "fiu":
-            raise DecodeAccelError(f"dtype {bg.dtype}, expected float32 photons/px", path=path, field="bg")
-        bg = bg.astype(np.float32)
-        if not np.all(np.isfinite(bg)) or (bg < 0).any():
-            raise DecodeAccelError("negative, NaN or inf background", path=path, field="bg")
-
-        grp = f["emitters"]
-        if not isinstance(grp, h5py.Group):
-            raise DecodeAccelError("is not a group of columns", path=path, field="emitters")
-        columns: dict[str, np.ndarray] = {}
-        for col in grp:
-            d = grp[col]
-            if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.dtype.kind not in "fiu":
-                raise DecodeAccelError(f"expected a 1-D numeric column, got {getattr(d, 'shape', None)} "
-                                       f"{getattr(d, 'dtype', None)}", path=path, field=f"emitters/{col}")
-            columns[col] = d[()]
+    grp = f["emitters"]
+    if not isinstance(grp, h5py.Group):
+        raise DecodeAccelError("is not a group of columns", path=path, field="emitters")
+    columns: dict[str, np.ndarray] = {}
+    for col in grp:
+        d = grp[col]
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1 or d.dtype.kind not in "fiu":
+            raise DecodeAccelError(f"expected a 1-D numeric column, got {getattr(d, 'shape', None)} "
+                                   f"{getattr(d, 'dtype', None)}", path=path, field=f"emitters/{col}")
+        columns[col] = d[()]
     lengths = {len(v) for v in columns.values()}
     n_rows = lengths.pop() if len(lengths) == 1 else (0 if not lengths else None)
     if n_rows is None:

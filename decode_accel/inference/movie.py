@@ -92,6 +92,7 @@ class _TiffSource:
                                    path=self.path, field="page axes", fix="save the movie as a greyscale stack")
         axes = series.axes
         shape = tuple(series.shape)
+        self._check_complete(shape)
         lead_axes, lead_shape = axes[:-2], shape[:-2]
         self.height, self.width = page_shape
         self.dtype = np.dtype(series.dtype)
@@ -116,6 +117,23 @@ class _TiffSource:
         except Exception:  # compressed, tiled, non-contiguous or multi-file: read page by page
             self._mm = None
         self.px_size_nm = self._pixel_size_nm()
+
+    def _check_complete(self, shape: tuple) -> None:
+        """Refuse a file whose own metadata declares more images than it holds (a truncated copy):
+        tifffile then falls back to the readable pages and only logs a warning."""
+        tif, declared = self._tif, None
+        try:
+            if tif.is_shaped and tif.shaped_metadata:
+                declared = int(np.prod(tif.shaped_metadata[0].get("shape", ()) or (0,)))
+                declared //= max(1, int(np.prod(shape[-2:])))  # images = product of the leading axes
+            elif tif.is_imagej and tif.imagej_metadata:
+                declared = int(tif.imagej_metadata.get("images", 0)) or None
+        except Exception:  # noqa: BLE001 - unusual metadata: nothing to compare with
+            declared = None
+        found = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        if declared and found < declared:
+            raise DecodeAccelError(f"truncated or damaged: the metadata declares {declared} images but only {found} "
+                                   "can be read", path=self.path, fix="copy the movie again from its source")
 
     @property
     def memory_mapped(self) -> bool:

@@ -236,7 +236,8 @@ class _FrameStream:
             stitch.paste(tile, out)
             # the next batch starts at b: it needs frames b-1 and b, the last two of this range
             keep_from = max(b - 1, lo)
-            self.ring[k] = (keep_from, feats[keep_from - lo:])
+            # a copy, so that the whole batch's feature tensor is freed now rather than at the next cat
+            self.ring[k] = (keep_from, feats[keep_from - lo:].clone())
         return stitch.result()
 
 

@@ -264,6 +264,18 @@ def load_checkpoint(folder: str | os.PathLike, *, rank: int | None = None, verif
     Raises:
         DecodeAccelError: incomplete, corrupt, or written by a newer format version.
     """
+    try:
+        return _load_checkpoint(folder, rank=rank, verify=verify)
+    except DecodeAccelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        # a damaged JSON/YAML/torch file whose manifest was rewritten to match
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise DecodeAccelError(f"damaged checkpoint ({type(err).__name__}: {first})", path=folder,
+                               fix="resume from an older step-N folder or delete this one") from None
+
+
+def _load_checkpoint(folder, *, rank, verify) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DecodeAccelError("checkpoint folder not found", path=folder, fix="check the path")

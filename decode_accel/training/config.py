@@ -467,8 +467,10 @@ class TrainingConfig(StrictModel):
                     raise ValueError(f"{short}={value!r} conflicts with {section}.{field}={sec[field]!r}; give one")
                 sec[field] = value
                 data[section] = sec
-            else:  # a section object was passed: set on a copy
+            elif hasattr(sec, "model_copy"):  # a section object was passed: set on a copy
                 data[section] = sec.model_copy(update={field: value})
+            else:
+                raise ValueError(f"{section} must be a mapping of settings to hold {short}, got {type(sec).__name__}")
         return data
 
     @model_validator(mode="after")
