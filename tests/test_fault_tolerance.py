@@ -236,9 +236,6 @@ def test_a_nan_batch_is_skipped_and_training_continues():
     assert torch.isfinite(flat_params(trainer.unwrapped_model)).all()
 
 
-@pytest.mark.xfail(strict=True, reason="DivergenceGuard events reach the python log only, not metrics.jsonl: "
-                                       "hooks.py DivergenceGuard.on_loss should also write the event through the "
-                                       "run's TrainingMonitor (see the h10 report)")
 def test_a_divergence_event_is_written_to_the_jsonl_log(tmp_path):
     from decode_accel.training.monitor import TrainingMonitor
 
@@ -293,10 +290,6 @@ def _export_and_movie(tmp_path):
     return export, movie
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="predict lets OSError(ENOSPC/EROFS) from write_table / _write_part escape: "
-                          "decode_accel/inference/predict.py:253 write_table(...) -> OSError with a traceback; "
-                          "predict (or cli.main) should turn OSError into a one-line DecodeAccelError (h10 report)")
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_full_or_read_only_disk_during_predict_gives_one_line_and_keeps_the_previous_table(
         tmp_path, monkeypatch, capsys, code):

@@ -383,6 +383,9 @@ class DivergenceGuard(Hook):
         self.log.append(event)
         logger.warning("DivergenceGuard (%d/%d) at epoch %d, update %d: %s -> %s", self.events, self.max_events,
                        trainer.epoch, trainer.global_step, why, action)
+        monitor = getattr(trainer, "monitor", None)
+        if monitor is not None and hasattr(monitor, "log_event"):  # into metrics.jsonl next to the metrics
+            monitor.log_event("divergence", **event)
         if self.events >= self.max_events:
             trainer.request_stop(immediate=True, reason=f"training diverged {self.events} times (last: {why}); lower the learning rate "
                                  f"(optimizer.lr), enable gradient clipping (training_strategy.gradient_clipping) "

@@ -152,6 +152,13 @@ class TrainingMonitor:
     # ------------------------------------------------------------------------------------------
     # Logging
     # ------------------------------------------------------------------------------------------
+    def log_event(self, kind: str, **fields: Any) -> None:
+        """Write a one-off event (e.g. ``kind='divergence'``) to the JSONL log and the python log."""
+        if not self.is_main_process:
+            return
+        logger.warning("%s: %s", kind, ", ".join(f"{k}={v}" for k, v in fields.items()))
+        self._write({"kind": kind, "time": time.time(), **fields})
+
     def _write(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(_json_safe(record)) + "\n")

@@ -154,6 +154,7 @@ class BaseTrainer:
         self._stream_base: dict[int, int] = {}
         self._difficulty = None
         self._timer = None
+        self.monitor = None  # the TrainingMonitor of the current fit, if any (hooks write events to it)
         self._epoch_terms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ small helpers
@@ -429,6 +430,7 @@ class BaseTrainer:
             self.hooks = [h for h in self.hooks if not isinstance(h, MonitorHook)]
             self.hooks.append(MonitorHook(monitor, log_every=log_every, plot_every=self.plot_every,
                                           plot_loader=val_loader))
+        self.monitor = monitor
         self._timer = getattr(monitor, "timer", None)
         if save_dir is not None:
             from decode_accel.training.checkpoint import CheckpointManager
