@@ -39,3 +39,15 @@ def test_demo_trains_predicts_and_prints_the_metrics_table(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "jaccard" in metrics["assess"]["all"]
     assert (tmp_path / "held_out_locs.csv").read_text().startswith('"id","frame"')
+
+
+def test_training_speed_benchmark_reports_samples_per_second_and_the_data_wait(tmp_path):
+    out_json = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "benchmarks/training_speed.py", "--presets", "tiny", "--precisions", "no",
+                           "--updates", "2", "--frame", "16", "--batch", "2", "--workers", "0", "--json",
+                           str(out_json), "--log-dir", str(tmp_path / "logs")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["samples_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
+    assert row["params"] == 61_618  # the tiny preset

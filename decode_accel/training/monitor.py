@@ -331,6 +331,13 @@ class TrainingMonitor:
             self._phase_seconds[name] += time.perf_counter() - start
             self._phase_calls[name] += 1
 
+    def reset_performance(self) -> None:
+        """Forget the timings so far (e.g. after warm-up updates); the clock restarts now."""
+        self._phase_seconds.clear()
+        self._phase_calls.clear()
+        self._samples = 0
+        self._perf_start = time.perf_counter()
+
     def add_samples(self, n: int) -> None:
         """Count ``n`` processed training samples (for samples/s)."""
         if self._perf_start is None:
