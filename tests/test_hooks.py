@@ -236,3 +236,18 @@ def test_per_term_schedules_from_a_training_config_follow_their_closed_forms():
     assert w["ratio_weight"] == pytest.approx(0.5)
     assert w["conservation_weight"] == pytest.approx(math.exp(-2.0))
     assert s.get_weights(2)["bg_weight"] == 1.0 and w["bg_weight"] == 0.1
+
+
+def test_divergence_guard_judges_a_negative_mixture_nll_by_its_spread_not_by_its_median():
+    """The mixture NLL hovers around zero or below; ordinary noise there is not a divergence."""
+    from decode_accel.training.hooks import DivergenceGuard
+
+    guard = DivergenceGuard()
+    rng = torch.Generator().manual_seed(0)
+    noise = (torch.randn(60, generator=rng) * 0.3 - 0.2).tolist()  # median -0.2, spread 0.3
+    for value in noise:
+        assert not guard._is_bad(torch.tensor(value))[0]
+        guard.history.append(value)
+    assert not guard._is_bad(torch.tensor(0.6))[0]        # 2.7 sigma above: noise
+    assert guard._is_bad(torch.tensor(50.0))[0]           # an explosion
+    assert guard._is_bad(torch.tensor(float("nan")))[0]

@@ -360,9 +360,13 @@ class DivergenceGuard(Hook):
         if not math.isfinite(value):
             return True, f"non-finite loss {value}"
         if len(self.history) >= self.min_history:
-            med = sorted(self.history)[len(self.history) // 2]
-            if value > self.spike_factor * max(med, 1e-12):
-                return True, f"loss {value:.4g} > {self.spike_factor} x running median {med:.4g}"
+            # the mixture NLL is often negative: judge the distance above the median by a robust scale
+            from decode_accel.training.monitor import robust_location_scale
+
+            med, scale = robust_location_scale(self.history)
+            if value - med > self.spike_factor * scale:
+                return True, (f"loss {value:.4g} is more than {self.spike_factor:g} x {scale:.3g} above the "
+                              f"running median {med:.4g}")
         return False, ""
 
     def on_loss(self, trainer, losses, outputs, batch):

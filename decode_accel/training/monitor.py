@@ -77,6 +77,18 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def robust_location_scale(values) -> tuple[float, float]:
+    """(median, scale) of recent loss values, for spike tests that also work for negative losses.
+
+    The scale is the larger of |median| and 1.4826 x the median absolute deviation (the standard
+    deviation for Gaussian noise): a mixture NLL hovering around zero is judged by its own spread,
+    not by a near-zero median.
+    """
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
+    return median, max(abs(median), 1.4826 * mad, 1e-6)
+
+
 class TrainingMonitor:
     """Logs and plots a training run.
 
@@ -269,7 +281,7 @@ class TrainingMonitor:
         * non-finite: any metric that is NaN or infinite;
         * spike: a metric whose name contains "loss" exceeds ``spike_factor`` x the median of its
           recent finite values (after ``spike_min_history`` values; losses can be negative, so the
-          test is on the distance above the median, scaled by the median's magnitude);
+          test is on the distance above the median in units of :func:`robust_location_scale`);
         * dead output (with ``output``, the model's map dict): a map that is constant over the batch,
           or a detection map ``p`` whose maximum is below 1e-4.
 
@@ -289,12 +301,12 @@ class TrainingMonitor:
             if "loss" in name:
                 recent = self._recent[name]
                 if len(recent) >= self.spike_min_history:
-                    median = statistics.median(recent)
-                    scale = max(abs(median), 1e-12)
+                    median, scale = robust_location_scale(recent)
                     if value - median > (self.spike_factor - 1.0) * scale:
                         found.append(self._flag({"type": "spike", "metric": name, "value": value, "step": step,
                                                  "median": median,
-                                                 "message": f"{value / scale:.1f}x the running median"}))
+                                                 "message": f"{(value - median) / scale:.1f} scales above the "
+                                                            f"running median"}))
                 recent.append(value)
         if output is not None:
             for name, tensor in output.items():
