@@ -210,9 +210,30 @@ def evaluate_table(table: pd.DataFrame, movie: HeldOutMovie, sim_config) -> dict
     if sim_config.channels.n_channels == 2:
         kwargs["dye_table"] = [{"ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability}
                                for d in sim_config.channels.dyes]
+    threshold = 0.25 * float(movie.truth["photons"].mean())
     everything = evaluate(movie.truth, table, **kwargs)
-    bright = evaluate(movie.truth, table, min_photons=0.25 * float(movie.truth["photons"].mean()), **kwargs)
+    bright = evaluate(movie.truth, table, min_photons=threshold, **kwargs)
+    if sim_config.channels.n_channels == 2 and sim_config.psf.kind == "gaussian":
+        everything["ratio_crlb"] = ratio_crlb_rms(movie, sim_config)
+        bright["ratio_crlb"] = ratio_crlb_rms(movie, sim_config, min_photons=threshold)
     return {"all": everything, "bright": bright}
+
+
+def ratio_crlb_rms(movie: HeldOutMovie, sim_config, min_photons: float = 0.0) -> float:
+    """RMS over the true emitter-frames of the CRLB of the photon ratio (two channels, Gaussian PSF,
+    each channel's background taken as the frame's mean background)."""
+    from decode_accel.evaluation import crlb_ratio
+
+    truth = movie.truth[movie.truth["photons"] >= max(min_photons, 1e-3)]
+    if truth.empty:
+        return float("nan")
+    bg = np.maximum(movie.bg_per_frame[truth["frame"].to_numpy()], 1e-3)
+    px = float(sim_config.frame.px_size)
+    sd = crlb_ratio(truth["photons"].to_numpy(), np.clip(truth["ratio"].to_numpy(), 1e-3, 1 - 1e-3), bg, bg,
+                    sigma_nm=sim_config.psf.sigma * px, px_size_nm=px, x_nm=truth["x"].to_numpy(),
+                    y_nm=truth["y"].to_numpy(),
+                    camera="emccd" if sim_config.camera.kind == "emccd" else "poisson")["ratio"]
+    return float(np.sqrt(np.mean(np.square(sd))))
 
 
 HEADLINE = [
