@@ -125,6 +125,7 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     threshold = tune_our_threshold(history["export_dir"], tune, test_sim)
     ours = pipeline.assess(history["export_dir"], test, test_sim, threshold=threshold,
                            out_table=run_dir / "test_locs.csv")
+    pipeline.refresh_model_card(history["export_dir"], ours, test, config)  # held-out table in the card
     result = {
         "scenario": name, "config": str(run_dir / "config.resolved.yaml"),
         "model": f"{config.model.architecture}/{config.model.preset}",
