@@ -45,14 +45,9 @@ SCENARIOS = {
 
 BUDGETS = {
     # small network, small training frames: what 2 CPU cores can train in minutes
-    # Training frames of 32 x 32 px carry ~1 emitter at 0.1/µm², so low-density scenarios TRAIN at
-    # min_train_density (tests stay at the scenario's density): 5x more emitters per unit of compute.
-    "cpu": dict(overrides=["model.preset=cpu_small", "simulation.frame.height=32", "simulation.frame.width=32",
-                           "data.batch_size=16", "data.num_workers=1", "data.steps_per_epoch=100",
-                           "data.val_samples=64", "optimizer.lr=1e-3", "monitoring.validate_every=1000",
-                           "monitoring.use_tensorboard=false", "training_strategy.epochs=10000",
-                           "scheduler={type: none}"],
-                min_train_density=0.5, minutes=12.0, test_frames=200, tune_frames=60, cpu=True),
+    # pipeline.CPU_TRAINING_OVERRIDES; low-density scenarios train at pipeline.MIN_TRAIN_DENSITY
+    "cpu": dict(overrides=pipeline.CPU_TRAINING_OVERRIDES + ["training_strategy.epochs=10000"],
+                min_train_density=pipeline.MIN_TRAIN_DENSITY, minutes=12.0, test_frames=200, tune_frames=60, cpu=True),
     # the scenario files unchanged (DECODE-size network); meant for one GPU
     "gpu": dict(overrides=[], min_train_density=None, minutes=None, test_frames=1000, tune_frames=200, cpu=False),
     # smoke test only
@@ -106,9 +101,7 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     name = SCENARIOS[key]
     path = ROOT / "recipes" / "configs" / "benchmark" / f"{name}.yaml"
     test_config = load_config(path, budget["overrides"] + list(extra_overrides))
-    train_overrides = []
-    if budget["min_train_density"] and (test_config.simulation.emitters.density or 0) < budget["min_train_density"]:
-        train_overrides.append(f"simulation.emitters.density={budget['min_train_density']}")
+    train_overrides = pipeline.training_density_overrides(test_config, budget["min_train_density"])
     # the network's scaling follows the test physics (density does not enter it)
     config = load_config(path, budget["overrides"] + list(extra_overrides) + train_overrides)
     run_dir = out_dir / name

@@ -47,12 +47,6 @@ class TimeBudget(Hook):
         if self.minutes is not None and time.perf_counter() - self._start > 60.0 * self.minutes:
             trainer.request_stop(f"time budget of {self.minutes:g} min reached")
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
 
 class LearningCurve(Hook):
     """Records (update, seconds, training loss) after every optimizer update, for the learning-curve plot."""
@@ -68,12 +62,6 @@ class LearningCurve(Hook):
         loss = losses.get("loss")
         value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
         self.points.append((int(trainer.global_step), time.perf_counter() - self._start, value))
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 @dataclass
@@ -338,14 +326,23 @@ def write_json(data, path: str | Path) -> Path:
     return path
 
 
-#: the CPU settings of benchmarks/accuracy.py --budget cpu (small network, 32 x 32 px training frames)
-DEMO_OVERRIDES = [
+#: CPU training settings shared by the demo and the benchmarks' CPU budget: small network, 32 x 32 px
+#: training frames, constant learning rate (runs are stopped by a time budget, not by epochs)
+CPU_TRAINING_OVERRIDES = [
     "model.preset=cpu_small", "simulation.frame.height=32", "simulation.frame.width=32", "data.batch_size=16",
     "data.num_workers=1", "data.steps_per_epoch=100", "data.val_samples=64", "optimizer.lr=1e-3",
     "scheduler={type: none}", "monitoring.use_tensorboard=false", "monitoring.validate_every=1000",
 ]
-#: low-density scenarios train at this density (more emitters per training frame); tests keep theirs
+#: a 32 x 32 px frame carries ~1 emitter at 0.1/µm²: low-density scenarios train at this density
+#: (5x more emitters per unit of compute); their test movies keep the scenario's density
 MIN_TRAIN_DENSITY = 0.5
+
+
+def training_density_overrides(test_config, min_density: float | None = MIN_TRAIN_DENSITY) -> list[str]:
+    """Overrides that raise the training density to ``min_density`` when the scenario's is lower."""
+    if min_density and (test_config.simulation.emitters.density or 0) < min_density:
+        return [f"simulation.emitters.density={min_density}"]
+    return []
 
 
 def demo_main(argv: list[str]) -> int:
@@ -362,11 +359,9 @@ def demo_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    test_config = load_config(args.config, DEMO_OVERRIDES + ["training_strategy.epochs=1000"] + list(args.overrides))
-    extra = []
-    if (test_config.simulation.emitters.density or 0) < MIN_TRAIN_DENSITY:
-        extra = [f"simulation.emitters.density={MIN_TRAIN_DENSITY}"]
-    config = load_config(args.config, DEMO_OVERRIDES + ["training_strategy.epochs=1000"] + list(args.overrides) + extra)
+    overrides = CPU_TRAINING_OVERRIDES + ["training_strategy.epochs=1000"] + list(args.overrides)
+    test_config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides + training_density_overrides(test_config))
     print(f"[1/3] training {config.model.architecture} ({config.model.preset}) on simulated "
           f"{config.simulation.frame.height}x{config.simulation.frame.width} px frames at "
           f"{config.simulation.emitters.density:g} emitters/µm² for {args.minutes:g} min (CPU)")
