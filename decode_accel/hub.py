@@ -34,7 +34,7 @@ REQUIRED_FILES = (METADATA_FILE, "config.json", "model.safetensors")
 ASSETS = "assets"
 # simulation-config fields that name files; they are copied into assets/ on export
 _FILE_FIELDS = (("psf", "spline_path"), ("camera", "scmos_offset_map"), ("camera", "scmos_variance_map"),
-                ("camera", "scmos_e_per_adu_map"))
+                ("camera", "scmos_e_per_adu_map"), ("camera", "scmos_maps"))
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 __all__ = ["ExportedModel", "export_model", "load_exported", "push_to_hub", "EXPORT_FORMAT_VERSION"]

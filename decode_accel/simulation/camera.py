@@ -19,71 +19,207 @@ from .config import CameraConfig
 ADU_MAX = 65535.0
 
 
-def _load_map(path: str, field: str, shape: tuple[int, int]) -> torch.Tensor:
+#: keys looked up in a .npz of sCMOS maps, per map (first present wins)
+NPZ_KEYS: dict[str, tuple[str, ...]] = {
+    "offset": ("offset_adu", "offset", "dark", "mean_adu"),
+    "variance": ("variance_adu2", "variance", "var", "read_noise_variance_adu2"),
+    "e_per_adu": ("e_per_adu", "gain_e_per_adu", "conversion"),
+}
+
+
+def _read_array(path: str, field: str, npz_key: str | None = None) -> np.ndarray:
     if not os.path.exists(path):
-        raise DecodeAccelError("map file not found", path=path, field=f"camera.{field}", fix="give an existing .npy or .tif file")
+        raise DecodeAccelError("map file not found", path=path, field=f"camera.{field}",
+                               fix="give an existing .npy, .npz or .tif file")
     try:
-        if path.lower().endswith(".npy"):
+        low = path.lower()
+        if low.endswith(".npz"):
+            with np.load(path) as z:
+                keys = list(z.keys())
+                cands = NPZ_KEYS.get(npz_key or "", ())
+                key = next((k for k in cands if k in keys), None)
+                if key is None and len(keys) == 1:
+                    key = keys[0]
+                if key is None:
+                    raise DecodeAccelError(f"no {npz_key} map among the arrays {keys}", path=path, field=f"camera.{field}",
+                                           fix=f"name the array one of {', '.join(cands)}")
+                arr = z[key]
+        elif low.endswith(".npy"):
             arr = np.load(path)
         else:
             import tifffile
 
             arr = tifffile.imread(path)
+    except DecodeAccelError:
+        raise
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad user file
         raise DecodeAccelError(f"cannot read the map ({type(err).__name__})", path=path, field=f"camera.{field}",
-                               fix="save it as a 2D .npy or .tif array") from None
-    arr = np.asarray(arr, dtype=np.float32)
-    if arr.shape[-2:] != tuple(shape) or arr.ndim not in (2, 3):
-        raise DecodeAccelError(f"map has shape {arr.shape}, frames are {shape[0]}x{shape[1]} px", path=path,
-                               field=f"camera.{field}", fix="crop the map to (H, W) or (channels, H, W) of the frames")
+                               fix="save it as a 2D .npy, .npz or .tif array") from None
+    return np.asarray(arr, dtype=np.float32)
+
+
+def _load_map(path: str, field: str, shape: tuple[int, int] | None, npz_key: str | None = None) -> torch.Tensor:
+    """A per-pixel map (H_chip, W_chip) or (C, H_chip, W_chip); it may be larger than the frames (full chip)."""
+    arr = _read_array(path, field, npz_key)
+    if arr.ndim not in (2, 3):
+        raise DecodeAccelError(f"map has shape {arr.shape}, expected (H, W) or (channels, H, W)", path=path,
+                               field=f"camera.{field}", fix="save a 2D per-pixel map")
+    if shape is not None and (arr.shape[-2] < shape[0] or arr.shape[-1] < shape[1]):
+        raise DecodeAccelError(f"map has shape {arr.shape}, smaller than the {shape[0]}x{shape[1]} px frames",
+                               path=path, field=f"camera.{field}",
+                               fix="give the full-chip map (frames are cropped from it), or frames no larger than the map")
+    if not np.all(np.isfinite(arr)):
+        raise DecodeAccelError("map has non-finite values", path=path, field=f"camera.{field}",
+                               fix="replace NaN/inf pixels (e.g. by the median)")
+    if npz_key == "e_per_adu" and not np.all(arr > 0):
+        raise DecodeAccelError("conversion map has values <= 0", path=path, field=f"camera.{field}",
+                               fix="give electrons per ADU, all positive")
+    if npz_key == "variance" and not np.all(arr >= 0):
+        raise DecodeAccelError("variance map has negative values", path=path, field=f"camera.{field}",
+                               fix="give the read-noise variance in ADU², all >= 0")
     return torch.from_numpy(arr)
+
+
+def _npz_has(path: str, key: str) -> bool:
+    try:
+        with np.load(path) as z:
+            return any(k in z.keys() for k in NPZ_KEYS[key])
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the caller
+        return False
 
 
 class Camera:
     """Camera noise model and photon conversion.
 
     Build it from a :class:`~decode_accel.simulation.config.CameraConfig`; ``frame_shape`` (H, W)
-    is needed only for sCMOS per-pixel maps.
+    is needed only for sCMOS per-pixel maps (to check they cover the frames).
 
     * emccd: Poisson(qe·x + spur) -> Gamma(shape=counts, scale=em_gain) -> + N(0, read_noise) e-
       -> / e_per_adu -> floor -> + baseline -> clip [0, 65535].
     * scmos: Poisson(qe·x) -> + N(0, read noise) -> / e_per_adu -> floor -> + offset -> clip; each
       of offset (ADU), read-noise variance (ADU²) and e_per_adu may be a per-pixel map.
     * perfect: Poisson(x); ADU = photons.
+
+    sCMOS maps may cover the whole chip (larger than the frames). Then every call says which region
+    of the chip the frames are: ``origin`` = (row, col) of the frames' top-left pixel on the maps,
+    either one pair for all frames or an int64 tensor (N, 2), one pair per frame (the simulator draws
+    a random crop per training sample). Without ``origin``, ``camera.roi_origin`` is used; with
+    neither and maps larger than the frames, :meth:`to_photons` refuses (the result would depend on a
+    guess).
     """
 
     def __init__(self, cfg: CameraConfig, frame_shape: tuple[int, int] | None = None):
         self.cfg = cfg
         self.kind = cfg.kind
         self._maps: dict[str, torch.Tensor] = {}
+        npz = getattr(cfg, "scmos_maps", None)
+        from_npz: list[str] = []
         for field, key in (("scmos_offset_map", "offset"), ("scmos_variance_map", "variance"),
                            ("scmos_e_per_adu_map", "e_per_adu")):
             path = getattr(cfg, field)
+            if path is None and npz is not None:
+                if not _npz_has(npz, key):
+                    continue  # a .npz without this map: the scalar of the config stays
+                path, field = npz, "scmos_maps"
+                from_npz.append(key)
             if path is not None:
                 if cfg.kind != "scmos":
                     raise DecodeAccelError(f"per-pixel maps need kind 'scmos', not '{cfg.kind}'", field=f"camera.{field}",
                                            fix="set camera.kind: scmos or remove the map")
-                if frame_shape is None:
-                    raise DecodeAccelError("a per-pixel map needs the frame size", field=f"camera.{field}")
-                self._maps[key] = _load_map(path, field, frame_shape)
+                self._maps[key] = _load_map(path, field, frame_shape, key)
+        if npz is not None and not from_npz and len(self._maps) < 3:
+            if cfg.kind != "scmos":
+                raise DecodeAccelError(f"per-pixel maps need kind 'scmos', not '{cfg.kind}'", field="camera.scmos_maps",
+                                       fix="set camera.kind: scmos or remove the maps")
+            _read_array(npz, "scmos_maps", "offset")  # a missing or unreadable file says so
+            raise DecodeAccelError("no sCMOS map found in the .npz", path=npz, field="camera.scmos_maps",
+                                   fix="name the arrays offset_adu (ADU), variance_adu2 (ADU²), e_per_adu (e-/ADU)")
+        shapes = {tuple(m.shape[-2:]) for m in self._maps.values()}
+        if len(shapes) > 1:
+            raise DecodeAccelError(f"the sCMOS maps have different sizes {sorted(shapes)}", field="camera.scmos_maps",
+                                   fix="give maps of the same chip region")
+        #: (H, W) of the per-pixel maps (the chip), None without maps.
+        self.map_shape: tuple[int, int] | None = next(iter(shapes)) if shapes else None
+        #: default (row, col) of the frames on the maps (``camera.roi_origin`` of the config).
+        self.roi_origin: tuple[int, int] | None = tuple(cfg.roi_origin) if getattr(cfg, "roi_origin", None) else None
         self._dev_maps: dict[tuple[str, str], torch.Tensor] = {}
 
-    def _param(self, key: str, like: torch.Tensor) -> torch.Tensor | float:
+    # ------------------------------------------------------------------ maps
+    def crop_origins(self, n: int, frame_shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor | None:
+        """Random (row, col) crop origins on the maps for ``n`` samples, int64 (n, 2), or None.
+
+        None when there are no maps larger than ``frame_shape`` (nothing to choose, no random numbers
+        used) or when ``scmos_training_crop`` is 'roi' (the fixed ``roi_origin`` is used).
+        """
+        if self.map_shape is None or tuple(self.map_shape) == tuple(frame_shape):
+            return None
+        if getattr(self.cfg, "scmos_training_crop", "random") == "roi":
+            return None
+        H, W = frame_shape
+        hi = torch.tensor([self.map_shape[0] - H + 1, self.map_shape[1] - W + 1], device=generator.device)
+        u = torch.rand(n, 2, generator=generator, device=generator.device)
+        return torch.minimum((u * hi).long(), hi - 1)
+
+    def _resolve_origin(self, origin, H: int, W: int):
+        if origin is None:
+            if self.map_shape is None or tuple(self.map_shape) == (H, W):
+                return None
+            if self.roi_origin is None:
+                mh, mw = self.map_shape
+                raise DecodeAccelError(f"the frames are {H}x{W} px but the sCMOS maps are {mh}x{mw} px and the frames' "
+                                       "place on the chip is unknown", field="camera.roi_origin",
+                                       fix="set camera.roi_origin: [row, col] of the movie's top-left pixel on the maps")
+            origin = self.roi_origin
+        if isinstance(origin, torch.Tensor) and origin.ndim == 2:
+            return origin
+        r, c = (int(v) for v in origin)
+        mh, mw = self.map_shape
+        if r < 0 or c < 0 or r + H > mh or c + W > mw:
+            raise DecodeAccelError(f"frames of {H}x{W} px at (row {r}, col {c}) fall outside the {mh}x{mw} px sCMOS maps",
+                                   field="camera.roi_origin", fix="give the movie's true ROI origin on the chip")
+        return (r, c)
+
+    def _map(self, key: str, like: torch.Tensor, origin) -> torch.Tensor:
+        k = (key, str(like.device))
+        if k not in self._dev_maps:
+            self._dev_maps[k] = self._maps[key].to(like.device)
+        m = self._dev_maps[k]
+        H, W = like.shape[-2:]
+        o = self._resolve_origin(origin, H, W)
+        if o is None:
+            return m
+        if isinstance(o, tuple):
+            return m[..., o[0]:o[0] + H, o[1]:o[1] + W]
+        # one origin per leading frame: gather (N, [C,] H, W) so it broadcasts against (N, C, H, W)
+        o = o.to(like.device)
+        rows = o[:, 0, None] + torch.arange(H, device=like.device)
+        cols = o[:, 1, None] + torch.arange(W, device=like.device)
+        if m.ndim == 2:
+            out = m[rows[:, :, None], cols[:, None, :]]  # (N, H, W)
+        else:
+            out = m[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)  # (N, C, H, W)
+        extra = like.ndim - out.ndim
+        if m.ndim == 2 and like.ndim >= 4:
+            out = out.reshape(out.shape[0], *([1] * (like.ndim - 3)), H, W)
+        elif extra > 0 and m.ndim == 3:
+            out = out.reshape(out.shape[0], *([1] * extra), *out.shape[1:])
+        return out
+
+    def _param(self, key: str, like: torch.Tensor, origin=None) -> torch.Tensor | float:
         """A scalar or per-pixel parameter, broadcastable to ``like`` (..., H, W)."""
         if key in self._maps:
-            k = (key, str(like.device))
-            if k not in self._dev_maps:
-                self._dev_maps[k] = self._maps[key].to(like.device)
-            # an (H, W) or (C, H, W) map broadcasts against (..., C, H, W) frames
-            return self._dev_maps[k]
+            return self._map(key, like, origin)
         c = self.cfg
         if key == "variance":  # read noise in e- seen through the (possibly per-pixel) conversion
-            return (c.read_noise / self._param("e_per_adu", like)) ** 2
+            return (c.read_noise / self._param("e_per_adu", like, origin)) ** 2
         return {"offset": c.baseline, "e_per_adu": c.e_per_adu}[key]
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Noisy camera frames in ADU (float32, same shape as ``x``) from expected photons ``x``."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator, origin=None) -> torch.Tensor:
+        """Noisy camera frames in ADU (float32, same shape as ``x``) from expected photons ``x``.
+
+        ``origin``: where the frames lie on full-chip sCMOS maps (see the class docstring).
+        """
         g = generator
         x = x.clamp_min(0.0).float()
         c = self.cfg
@@ -99,10 +235,10 @@ class Camera:
             adu = torch.floor(gained / c.e_per_adu) + c.baseline
         else:  # scmos
             electrons = torch.poisson(c.qe * x, generator=g)
-            e_per_adu = self._param("e_per_adu", x)
-            sd_adu = torch.sqrt(torch.as_tensor(self._param("variance", x), device=x.device, dtype=x.dtype))
+            e_per_adu = self._param("e_per_adu", x, origin)
+            sd_adu = torch.sqrt(torch.as_tensor(self._param("variance", x, origin), device=x.device, dtype=x.dtype))
             adu = electrons / e_per_adu + sd_adu * torch.randn(x.shape, generator=g, device=x.device)
-            adu = torch.floor(adu) + self._param("offset", x)
+            adu = torch.floor(adu) + self._param("offset", x, origin)
         if c.clip_16bit:
             adu = adu.clamp(0.0, ADU_MAX)
         return adu
@@ -110,8 +246,11 @@ class Camera:
     __call__ = forward
 
     # ------------------------------------------------------------------ inverse
-    def to_photons(self, adu: torch.Tensor) -> torch.Tensor:
+    def to_photons(self, adu: torch.Tensor, origin=None) -> torch.Tensor:
         """ADU -> photons: the inverse of the mean of :meth:`forward`.
+
+        ``origin``: (row, col) of the frames' top-left pixel on full-chip sCMOS maps (or (N, 2) per
+        frame); default ``roi_origin`` of the config.
 
         emccd: ((adu - baseline)·e_per_adu/em_gain - spurious_charge)/qe; scmos:
         (adu - offset)·e_per_adu/qe; perfect: unchanged. The floor of the forward model biases the
@@ -124,7 +263,16 @@ class Camera:
             return adu
         if self.kind == "emccd":
             return ((adu - c.baseline) * (c.e_per_adu / c.em_gain) - c.spurious_charge) / c.qe
-        return (adu - self._param("offset", adu)) * self._param("e_per_adu", adu) / c.qe
+        return (adu - self._param("offset", adu, origin)) * self._param("e_per_adu", adu, origin) / c.qe
+
+    def with_roi(self, origin: tuple[int, int]) -> "Camera":
+        """The same camera (maps shared, not re-read) whose default frames' place on the maps is ``origin`` (row, col)."""
+        import copy
+
+        other = copy.copy(self)
+        other.roi_origin = (int(origin[0]), int(origin[1]))
+        other.cfg = self.cfg.model_copy(update={"roi_origin": other.roi_origin})
+        return other
 
     def excess_noise_factor(self) -> float:
         """Noise factor F² of the gain register: 2 for an EMCCD, 1 otherwise (divides the Fisher information)."""

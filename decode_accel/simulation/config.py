@@ -82,19 +82,34 @@ class PSFConfig(StrictModel):
     """Point-spread function.
 
     * ``gaussian``: pixel-integrated 2D Gaussian of width ``sigma`` (no z dependence).
-    * ``astigmatic``: Huang et al. 2008 model, σ_x(z) = σ0·sqrt(1 + u_x² + A·u_x³ + B·u_x⁴) with
-      u_x = (z + gamma)/depth, and σ_y the same with u_y = (z − gamma)/depth; x is in focus (narrowest)
-      at z = −gamma and y at z = +gamma (DECODE's convention).
+    * ``astigmatic``: Huang et al. 2008 width model, per image axis (x = columns, y = rows):
+      σ_x(z) = σ0_x·sqrt(1 + u² + A_x·u³ + B_x·u⁴) with u = (z − focal_x)/depth_x, σ_y the same with
+      the y parameters. ``focal_x`` is the z (nm) where σ_x is narrowest: the focal plane of x as
+      ThunderSTORM's calibration reports it (its c1; d1 = depth_x, w01 = sigma0_x). Per-axis fields
+      left unset come from the shorthand ``sigma0, gamma, depth, A, B``: focal_x = −gamma,
+      focal_y = +gamma. DECODE's ``foc_shift`` is NOT this gamma: DECODE's x is the image row, so its
+      PSF has x (columns) narrowest at z = +foc_shift; import DECODE/SMAP or ThunderSTORM values with
+      ``decode_accel.calibration.astigmatism`` instead of copying numbers.
     * ``spline``: cubic-spline PSF from a SMAP ``*_3dcal.mat`` calibration (``spline_path``).
     """
 
     kind: Literal["gaussian", "astigmatic", "spline"] = Field("gaussian", description="PSF model (-)")
     sigma: float = Field(1.0, gt=0, description="Gaussian PSF standard deviation (px)")
-    sigma0: float = Field(1.0, gt=0, description="astigmatic in-focus standard deviation (px)")
-    gamma: float = Field(250.0, description="astigmatic focal offset: x in focus at z=-gamma, y at z=+gamma (nm)")
-    depth: float = Field(280.0, gt=0, description="astigmatic focus depth d of the Huang model (nm)")
-    A: float = Field(0.0, description="astigmatic cubic coefficient of the Huang model (-)")
-    B: float = Field(0.0, description="astigmatic quartic coefficient of the Huang model (-)")
+    sigma0: float = Field(1.0, gt=0, description="astigmatic in-focus standard deviation, both axes unless sigma0_x/y (px)")
+    gamma: float = Field(250.0, description="astigmatic shorthand: focal_x = -gamma, focal_y = +gamma (nm)")
+    depth: float = Field(280.0, gt=0, description="astigmatic focus depth d of the Huang model, both axes unless depth_x/y (nm)")
+    A: float = Field(0.0, description="astigmatic cubic coefficient, both axes unless A_x/A_y (-)")
+    B: float = Field(0.0, description="astigmatic quartic coefficient, both axes unless B_x/B_y (-)")
+    focal_x: float | None = Field(None, description="z where the width along x (columns) is smallest; None = -gamma (nm)")
+    focal_y: float | None = Field(None, description="z where the width along y (rows) is smallest; None = +gamma (nm)")
+    depth_x: float | None = Field(None, gt=0, description="focus depth of the x width; None = depth (nm)")
+    depth_y: float | None = Field(None, gt=0, description="focus depth of the y width; None = depth (nm)")
+    sigma0_x: float | None = Field(None, gt=0, description="smallest width along x (columns); None = sigma0 (px)")
+    sigma0_y: float | None = Field(None, gt=0, description="smallest width along y (rows); None = sigma0 (px)")
+    A_x: float | None = Field(None, description="cubic coefficient of the x width; None = A (-)")
+    B_x: float | None = Field(None, description="quartic coefficient of the x width; None = B (-)")
+    A_y: float | None = Field(None, description="cubic coefficient of the y width; None = A (-)")
+    B_y: float | None = Field(None, description="quartic coefficient of the y width; None = B (-)")
     spline_path: str | None = Field(None, description="path of a SMAP *_3dcal.mat calibration (file)")
     roi_size: int | None = Field(
         None, ge=3, description="side of the square ROI rendered per emitter; None = automatic (px)")
@@ -103,7 +118,20 @@ class PSFConfig(StrictModel):
     def _spline_needs_path(self) -> "PSFConfig":
         if self.kind == "spline" and not self.spline_path:
             raise ValueError("kind 'spline' needs spline_path (a SMAP *_3dcal.mat file)")
+        if "gamma" in self.model_fields_set and (self.focal_x is not None or self.focal_y is not None):
+            raise ValueError("give either gamma or focal_x/focal_y (per-axis focal planes, nm), not both")
         return self
+
+    def astigmatic_axes(self) -> dict[str, float]:
+        """The per-axis astigmatic parameters with the shorthand filled in: sigma0_x, focal_x, depth_x,
+        A_x, B_x and the same for y (px, nm, nm, -, -)."""
+        def pick(value, default):
+            return float(default if value is None else value)
+        return dict(
+            sigma0_x=pick(self.sigma0_x, self.sigma0), focal_x=pick(self.focal_x, -self.gamma),
+            depth_x=pick(self.depth_x, self.depth), A_x=pick(self.A_x, self.A), B_x=pick(self.B_x, self.B),
+            sigma0_y=pick(self.sigma0_y, self.sigma0), focal_y=pick(self.focal_y, self.gamma),
+            depth_y=pick(self.depth_y, self.depth), A_y=pick(self.A_y, self.A), B_y=pick(self.B_y, self.B))
 
 
 class BackgroundConfig(StrictModel):
@@ -147,6 +175,15 @@ class CameraConfig(StrictModel):
     scmos_offset_map: str | None = Field(None, description="sCMOS per-pixel offset map, .npy or .tif, HxW (ADU)")
     scmos_variance_map: str | None = Field(None, description="sCMOS per-pixel read-noise variance map, .npy or .tif (ADU²)")
     scmos_e_per_adu_map: str | None = Field(None, description="sCMOS per-pixel conversion map, .npy or .tif (e-/ADU)")
+    scmos_maps: str | None = Field(
+        None, description="one .npz holding the sCMOS maps: offset_adu (ADU), variance_adu2 (ADU²), e_per_adu (e-/ADU); "
+                          "a field above given too wins for its map (file)")
+    roi_origin: tuple[int, int] | None = Field(
+        None, description="(row, column) of the movie's top-left pixel on full-chip sCMOS maps, used at inference; "
+                          "None = the maps have the movie's size (a smaller movie is then refused) (px)")
+    scmos_training_crop: Literal["random", "roi"] = Field(
+        "random", description="training frames smaller than the maps: 'random' = a fresh crop of the maps per sample, "
+                              "'roi' = always the crop at roi_origin (-)")
 
     @model_validator(mode="before")
     @classmethod

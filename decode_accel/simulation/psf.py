@@ -153,35 +153,50 @@ class GaussianPSF(PSF):
 
 
 class AstigmaticPSF(GaussianPSF):
-    """Astigmatic pixel-integrated Gaussian with the Huang et al. (Science 2008) width model.
+    """Astigmatic pixel-integrated Gaussian with the Huang et al. (Science 2008) width model, per axis.
 
-    σ_x(z) = σ0·sqrt(1 + u_x² + A·u_x³ + B·u_x⁴) with u_x = (z + gamma)/depth, and σ_y the same
-    with u_y = (z − gamma)/depth.
-    So x is narrowest at z = −gamma and y at z = +gamma (DECODE's sign convention).
+    σ_x(z) = σ0_x·sqrt(1 + u² + A_x·u³ + B_x·u⁴) with u = (z − focal_x)/depth_x (x = columns), and
+    σ_y the same with the y parameters (y = rows). So σ_x is narrowest at z = focal_x.
+
+    The positional shorthand ``(sigma0, gamma, depth, A, B)`` means focal_x = −gamma,
+    focal_y = +gamma with shared sigma0, depth, A, B; per-axis keywords override it.
 
     Args:
         sigma0: in-focus width (px); gamma: focal offset (nm); depth: focus depth d (nm);
         A, B: higher-order coefficients (-); roi_size: ROI side (px), default from the widest
-        width over ``z_range`` (nm).
+        width over ``z_range`` (nm); focal_x, focal_y (nm), depth_x, depth_y (nm), sigma0_x,
+        sigma0_y (px), A_x, B_x, A_y, B_y (-): per-axis parameters.
     """
 
     def __init__(self, sigma0: float = 1.0, gamma: float = 250.0, depth: float = 280.0, A: float = 0.0,
-                 B: float = 0.0, roi_size: int | None = None, z_range: tuple[float, float] = (-500.0, 500.0)):
+                 B: float = 0.0, roi_size: int | None = None, z_range: tuple[float, float] = (-500.0, 500.0), *,
+                 focal_x: float | None = None, focal_y: float | None = None, depth_x: float | None = None,
+                 depth_y: float | None = None, sigma0_x: float | None = None, sigma0_y: float | None = None,
+                 A_x: float | None = None, B_x: float | None = None, A_y: float | None = None,
+                 B_y: float | None = None):
+        def pick(v, d):
+            return float(d if v is None else v)
         self.sigma0, self.gamma, self.depth, self.A, self.B = float(sigma0), float(gamma), float(depth), float(A), float(B)
+        self.axes = dict(
+            x=(pick(sigma0_x, sigma0), pick(focal_x, -gamma), pick(depth_x, depth), pick(A_x, A), pick(B_x, B)),
+            y=(pick(sigma0_y, sigma0), pick(focal_y, gamma), pick(depth_y, depth), pick(A_y, A), pick(B_y, B)))
         zs = torch.linspace(z_range[0], z_range[1], 201, dtype=torch.float64)
         sx, sy = self.sigma_xy(zs)
         smax = float(torch.maximum(sx, sy).max())
         self.sigma = smax
         self.roi_size = int(roi_size) if roi_size else 2 * math.ceil(4.0 * smax) + 1
 
-    def _width(self, u: torch.Tensor) -> torch.Tensor:
-        w2 = 1.0 + u ** 2 + self.A * u ** 3 + self.B * u ** 4
+    @staticmethod
+    def width(z: torch.Tensor, sigma0: float, focal: float, depth: float, A: float = 0.0, B: float = 0.0) -> torch.Tensor:
+        """Huang-model width (px) at depth z (nm) of one axis."""
+        u = (z - focal) / depth
+        w2 = 1.0 + u ** 2 + A * u ** 3 + B * u ** 4
         # A or B < 0 can make the polynomial negative far from focus: keep the width positive
-        return self.sigma0 * torch.sqrt(w2.clamp_min(1e-2))
+        return sigma0 * torch.sqrt(w2.clamp_min(1e-2))
 
     def sigma_xy(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ_x, σ_y) in px at depth z (nm)."""
-        return self._width((z + self.gamma) / self.depth), self._width((z - self.gamma) / self.depth)
+        """(σ_x, σ_y) in px at depth z (nm); x along columns, y along rows."""
+        return self.width(z, *self.axes["x"]), self.width(z, *self.axes["y"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,5 +392,6 @@ def make_psf(cfg: PSFConfig, z_range: tuple[float, float] = (-500.0, 500.0)) -> 
     if cfg.kind == "gaussian":
         return GaussianPSF(cfg.sigma, cfg.roi_size)
     if cfg.kind == "astigmatic":
-        return AstigmaticPSF(cfg.sigma0, cfg.gamma, cfg.depth, cfg.A, cfg.B, cfg.roi_size, z_range)
+        return AstigmaticPSF(cfg.sigma0, cfg.gamma, cfg.depth, cfg.A, cfg.B, cfg.roi_size, z_range,
+                             **cfg.astigmatic_axes())
     return SplinePSF.from_smap(cfg.spline_path, cfg.roi_size)

@@ -38,6 +38,8 @@ class SimulatedMovie:
             One channel: ratio 1, photons_ch2 0.
         label_min_photons: emitter-frames below this are in ``emitters`` but not in ``labels``.
         px_size: nm per px.
+        roi_origin: (row, col) of the movie's top-left pixel on full-chip sCMOS maps (px); (0, 0)
+            without maps. ``camera.to_photons(adu, origin=roi_origin)`` converts its ADU again.
     """
 
     frames_adu: torch.Tensor
@@ -46,6 +48,7 @@ class SimulatedMovie:
     emitters: pd.DataFrame
     label_min_photons: float = 0.0
     px_size: float = 100.0
+    roi_origin: tuple[int, int] = (0, 0)
 
     @property
     def labels(self) -> pd.DataFrame:
@@ -144,6 +147,10 @@ class Simulator:
     # ------------------------------------------------------------------ core
     def _simulate(self, n_frames: int, clip_length: int, g: torch.Generator):
         """Frames of n_frames / clip_length independent clips. Returns (adu, photons, bg, EmitterFrames)."""
+        return self._simulate_roi(n_frames, clip_length, g)[:4]
+
+    def _simulate_roi(self, n_frames: int, clip_length: int, g: torch.Generator):
+        """As :meth:`_simulate`, plus the (n_frames, 2) crop origins on full-chip sCMOS maps (or None)."""
         cfg = self.config
         H, W = cfg.frame.height, cfg.frame.width
         C = self.n_channels
@@ -164,8 +171,14 @@ class Simulator:
                 xyz2 = torch.cat([xy2, xyz[:, 2:]], dim=1)
             self.psf.render(xyz2, em.photons.float() * (1.0 - r), em.frame * C + 1, x)
         x = x.view(n_frames, C, H, W)
-        adu = self.camera.forward(x, g)
-        return adu, self.camera.to_photons(adu), bg, em
+        # full-chip sCMOS maps: each clip (training sample) sees its own random crop of the chip
+        origins = self.camera.crop_origins(n_frames // clip_length, (H, W), g)
+        if origins is not None:
+            origins = origins.repeat_interleave(clip_length, dim=0)
+        elif self.camera.map_shape is not None and tuple(self.camera.map_shape) != (H, W):
+            origins = torch.tensor([self.camera.roi_origin or (0, 0)], device=x.device).expand(n_frames, 2)
+        adu = self.camera.forward(x, g, origin=origins)
+        return adu, self.camera.to_photons(adu, origin=origins), bg, em, origins
 
     def sample(self, n_frames: int, generator: torch.Generator) -> SimulatedMovie:
         """Simulate a movie of ``n_frames`` consecutive frames (blinking correlated over frames).
@@ -180,11 +193,12 @@ class Simulator:
         """
         if n_frames < 1:
             raise ValueError(f"n_frames must be >= 1, got {n_frames}")
-        adu, photons, bg, em = self._simulate(n_frames, n_frames, generator)
+        adu, photons, bg, em, origins = self._simulate_roi(n_frames, n_frames, generator)
+        roi = (0, 0) if origins is None else (int(origins[0, 0]), int(origins[0, 1]))
         return SimulatedMovie(frames_adu=adu, frames_photons=photons, bg=bg,
                               emitters=emitters_table(em, self.config.frame.px_size),
                               label_min_photons=self.config.emitters.label_min_photons,
-                              px_size=self.config.frame.px_size)
+                              px_size=self.config.frame.px_size, roi_origin=roi)
 
     def sample_windows(self, batch_size: int, generator: torch.Generator, with_adu: bool = False) -> dict[str, torch.Tensor]:
         """``batch_size`` independent 3-frame clips, as a training batch (docs/architecture.md "Batch").
