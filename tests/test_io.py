@@ -17,6 +17,7 @@ from decode_accel.io import read_table, write_table, yaml_path
 
 DESIGN_COLUMNS = ["id", "frame", "x [nm]", "y [nm]", "z [nm]", "intensity [photon]", "offset [photon]",
                   "uncertainty_xy [nm]", "uncertainty_z [nm]"]
+PER_AXIS = ["uncertainty_x [nm]", "uncertainty_y [nm]"]
 TWO_CHANNEL = ["intensity_ch1 [photon]", "intensity_ch2 [photon]", "ratio", "ratio_uncertainty", "color"]
 
 
@@ -39,11 +40,26 @@ def test_csv_has_exactly_the_thunderstorm_columns_and_one_based_frames(tmp_path)
     df = locs()
     write_table(df, tmp_path / "a.csv")
     raw = pd.read_csv(tmp_path / "a.csv")
-    assert list(raw.columns) == DESIGN_COLUMNS + ["prob"]
+    assert list(raw.columns) == DESIGN_COLUMNS + PER_AXIS + ["prob"]
     assert (raw["frame"].to_numpy() == df["frame"].to_numpy() + 1).all()
     assert (tmp_path / "a.csv").read_text().splitlines()[0].startswith('"id","frame","x [nm]"')
     write_table(locs(two_channel=True), tmp_path / "b.csv")
-    assert list(pd.read_csv(tmp_path / "b.csv").columns) == DESIGN_COLUMNS + ["prob"] + TWO_CHANNEL
+    assert list(pd.read_csv(tmp_path / "b.csv").columns) == DESIGN_COLUMNS + PER_AXIS + ["prob"] + TWO_CHANNEL
+
+
+def test_csv_keeps_each_axis_uncertainty_and_the_thunderstorm_mean_of_both(tmp_path):
+    df = locs()
+    df["y_sigma"] = 2.0 * df["x_sigma"]
+    write_table(df, tmp_path / "a.csv")
+    raw = pd.read_csv(tmp_path / "a.csv")
+    np.testing.assert_allclose(raw["uncertainty_x [nm]"], df["x_sigma"])
+    np.testing.assert_allclose(raw["uncertainty_y [nm]"], df["y_sigma"])
+    np.testing.assert_allclose(raw["uncertainty_xy [nm]"], np.sqrt(2.5) * df["x_sigma"])
+    back = read_table(tmp_path / "a.csv")
+    np.testing.assert_allclose(back["y_sigma"] / back["x_sigma"], 2.0)
+    # a file from ThunderSTORM itself has only uncertainty_xy: both axes read it
+    raw.drop(columns=PER_AXIS).to_csv(tmp_path / "ts.csv", index=False)
+    np.testing.assert_allclose(read_table(tmp_path / "ts.csv")["y_sigma"], raw["uncertainty_xy [nm]"])
 
 
 @pytest.mark.parametrize("two_channel", [False, True])

@@ -2,12 +2,15 @@
 
 Columns (DESIGN.md), frames 1-based, positions in nm:
 "id","frame","x [nm]","y [nm]","z [nm]","intensity [photon]","offset [photon]","uncertainty_xy [nm]",
-"uncertainty_z [nm]", then "prob" when known, and for two-channel tables
+"uncertainty_z [nm]", then "uncertainty_x [nm]","uncertainty_y [nm]" and "prob" when known, and for
+two-channel tables
 "intensity_ch1 [photon]","intensity_ch2 [photon]","ratio","ratio_uncertainty","color".
 
 Mapping to the table (decode_accel.table): intensity = photons, offset = bg (photons/px),
 uncertainty_xy = sqrt((x_sigma^2 + y_sigma^2) / 2) (one number per localization, as in ThunderSTORM;
-it reads back as x_sigma = y_sigma), uncertainty_z = z_sigma, ratio_uncertainty = ratio_sigma.
+ThunderSTORM's own reader uses it), plus the per-axis uncertainty_x = x_sigma, uncertainty_y = y_sigma
+so that each axis can be checked on its own (they read back as x_sigma, y_sigma; a file without them
+reads uncertainty_xy into both), uncertainty_z = z_sigma, ratio_uncertainty = ratio_sigma.
 photons_sigma and color_prob have no ThunderSTORM column and are not written (the Picasso HDF5
 writer keeps them).
 """
@@ -57,6 +60,9 @@ def write_thunderstorm_csv(df: pd.DataFrame, path: str | os.PathLike) -> None:
     both = np.isfinite(sx) & np.isfinite(sy)
     out["uncertainty_xy [nm]"] = np.where(both, np.sqrt((sx**2 + sy**2) / 2), np.where(np.isfinite(sx), sx, sy))
     out["uncertainty_z [nm]"] = _col(df, "z_sigma")
+    if "x_sigma" in df.columns or "y_sigma" in df.columns:
+        out["uncertainty_x [nm]"] = sx
+        out["uncertainty_y [nm]"] = sy
     if "prob" in df.columns:
         out["prob"] = _col(df, "prob")
     if any(c in df.columns for c in ("ratio", "photons_ch1", "photons_ch2", "color")):
@@ -133,6 +139,9 @@ def read_thunderstorm_csv(path: str | os.PathLike) -> pd.DataFrame:
         u = values("uncertainty_xy [nm]")
         out["x_sigma"] = u
         out["y_sigma"] = u.copy()
+    for axis in ("x", "y"):
+        if f"uncertainty_{axis} [nm]" in raw.columns:
+            out[f"{axis}_sigma"] = values(f"uncertainty_{axis} [nm]")
     if "color" in raw.columns:
         c = values("color")
         out["color"] = integer_column(np.where(np.isfinite(c), c, -1.0), path, "color", minimum=-1)
