@@ -165,7 +165,7 @@ def test_a_student_identical_to_its_teacher_has_no_detection_distillation_loss()
     teacher = copy.deepcopy(trainer.unwrapped_model)
     hook = DistillationHook(teacher, alpha=1.0)
     hook.on_fit_start(trainer)
-    batch = trainer._to_device(next(iter(train)))
+    batch = trainer.to_device(next(iter(train)))
     trainer.model.eval()
     with torch.no_grad():
         out = trainer.model(batch["frames"])

@@ -15,6 +15,7 @@ abbreviation-matches script flags against its own).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.training.trainer import (BaseTrainer, MultiChannelTrainer, build_optimizer,  # noqa: F401
+                                           make_accelerator, make_settings, resolve_mixed_precision)
 
 logger = logging.getLogger("decode_accel.training")
 
@@ -30,53 +33,6 @@ logger = logging.getLogger("decode_accel.training")
 RECIPE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 
 _PRECISIONS = ("no", "bf16", "fp16", "fp8")
-
-
-def resolve_mixed_precision(mixed_precision: str | bool | None, cpu: bool) -> str | None:
-    """The Accelerator's ``mixed_precision`` argument.
-
-    True -> bf16 on a GPU, "no" on the CPU (bf16 autocast is ~10x slower on CPUs without bf16 units);
-    False -> "no"; None -> the launcher's setting (``ACCELERATE_MIXED_PRECISION``) if any, else fp32 on
-    the CPU and bf16 on a GPU; a string is passed on.
-    """
-    gpu = torch.cuda.is_available() and not cpu
-    if mixed_precision is None:
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            return None
-        return "bf16" if gpu else "no"
-    if mixed_precision is True:
-        return "bf16" if gpu else "no"
-    if mixed_precision is False:
-        return "no"
-    if mixed_precision not in _PRECISIONS:
-        raise DecodeAccelError(f"unknown mixed_precision {mixed_precision!r}", field="mixed_precision",
-                               fix=f"use one of {', '.join(_PRECISIONS)}")
-    return mixed_precision
-
-
-def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
-    """``{'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4, 'amsgrad': True}`` -> a torch optimizer.
-
-    ``type`` is any ``torch.optim`` class name (Adam, AdamW, SGD, RMSprop, ...); the other keys are its
-    keyword arguments (``learning_rate`` is accepted for ``lr``).
-    """
-    cfg = dict(optimizer_config)
-    kind = cfg.pop("type", "AdamW")
-    if "learning_rate" in cfg and "lr" not in cfg:
-        cfg["lr"] = cfg.pop("learning_rate")
-    cfg.update(cfg.pop("kwargs", None) or {})
-    if "betas" in cfg and cfg["betas"] is not None:
-        cfg["betas"] = tuple(cfg["betas"])
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    cls = getattr(torch.optim, str(kind), None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise DecodeAccelError(f"unknown optimizer type {kind!r}", field="optimizer.type",
-                               fix="use a torch.optim class name such as Adam, AdamW or SGD")
-    try:
-        return cls(params, **cfg)
-    except (TypeError, ValueError) as err:
-        raise DecodeAccelError(f"cannot build {kind}: {err}", field="optimizer", fix=f"check the {kind} arguments") \
-            from None
 
 
 def scheduler_dict(config) -> dict | None:
@@ -229,25 +185,28 @@ def as_two_channel(config):
 
 
 def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_precision: str | bool | None = None,
-                  accelerator=None, teacher=None, hooks: tuple = ()):
-    """Model, loss, optimizer, schedules, postprocessor and hooks from a ``TrainingConfig``.
+                  accelerator=None, teacher=None, hooks: tuple = (), **trainer_kwargs):
+    """Accelerator, model, loss, optimizer, schedules, postprocessor, hooks, monitor and settings from a
+    ``TrainingConfig``, then the trainer.
 
-    The trainer class defaults to ``MultiChannelTrainer`` for two-channel configs. ``trainer.fit_kwargs``
-    holds the ``train()`` arguments the config implies (epochs, accumulation, clipping, ...):
-    ``trainer.train(train_loader, val_loader, **trainer.fit_kwargs)`` runs the configured training.
+    The trainer class defaults to ``MultiChannelTrainer`` for two-channel configs. Its ``settings`` hold
+    every run setting the config implies (epochs, accumulation, clipping, checkpoints, logging), and its
+    monitor is built from the ``monitoring`` section at each ``train()`` that gets none:
+    ``trainer.train(train_loader, val_loader)`` runs the configured training. ``trainer_kwargs`` go to
+    the trainer class (e.g. a subclass's own arguments).
     """
     from decode_accel.training.config import TrainingConfig
-    from decode_accel.training.trainer import BaseTrainer, MultiChannelTrainer
 
     if isinstance(config, dict):
         config = TrainingConfig.model_validate(config)
-    if trainer_cls is MultiChannelTrainer:
+    if trainer_cls is not None and issubclass(trainer_cls, MultiChannelTrainer):
         config = as_two_channel(config)
     two = config.simulation.channels.n_channels == 2 or config.model.architecture == "DoubleMUNet"
     if trainer_cls is None or (trainer_cls is BaseTrainer and two):
         trainer_cls = MultiChannelTrainer if two else BaseTrainer
-    ts = config.training_strategy
-    on_cpu = bool(ts.cpu if cpu is None else cpu) or not torch.cuda.is_available()
+    ts, mon, ck = config.training_strategy, config.monitoring, config.checkpointing
+    force_cpu = bool(ts.cpu if cpu is None else cpu)
+    on_cpu = force_cpu or not torch.cuda.is_available()
     if mixed_precision is None and ("mixed_precision" in ts.model_fields_set
                                     or not os.environ.get("ACCELERATE_MIXED_PRECISION")):
         mixed_precision = ts.mixed_precision
@@ -256,34 +215,29 @@ def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_pr
             logger.info("training on the CPU: using fp32 instead of %s (pass --mixed_precision %s to force it)",
                         mixed_precision, mixed_precision)
             mixed_precision = "no"
+    if accelerator is None:
+        accelerator = make_accelerator(None, mixed_precision, force_cpu)
     from accelerate.utils import set_seed
     set_seed(ts.seed)  # before the model is built: identical initial weights on every process
     model = build_model_from_config(config)
     loss_fn = build_loss_from_config(config, model)
-    sched = scheduler_dict(config)
-    trainer = trainer_cls(model, loss_fn, optimizer_dict(config), sched, mixed_precision=mixed_precision,
-                          hooks=list(build_hooks(config, teacher=teacher,
-                                                  initial_weights=getattr(loss_fn, "weights", None))) + list(hooks),
-                          postprocessor=build_postprocessor(config), accelerator=accelerator,
-                          cpu=bool(ts.cpu if cpu is None else cpu), seed=ts.seed,
-                          px_size_nm=float(config.simulation.frame.px_size), config=config,
-                          simulation_config=config.simulation, save_top_k=config.checkpointing.save_top_k,
-                          monitor_metric=config.checkpointing.monitor_metric, mode=config.checkpointing.mode)
-    if ts.compile:
-        trainer.model = torch.compile(trainer.model)
-    mon = config.monitoring
-    trainer.plot_every = mon.plot_every
-    world = trainer.accelerator.num_processes
-    updates = config.data.epoch_steps(ts.accumulate_grad_batches, world)
-    trainer.fit_kwargs = dict(
-        epochs=ts.epochs, save_dir=config.checkpointing.save_dir, save_every=mon.save_every,
-        validate_every=mon.validate_every, early_stopping_patience=ts.early_stopping_patience,
-        gradient_clip_val=ts.gradient_clipping or 0.0, accumulate_grad_batches=ts.accumulate_grad_batches,
-        log_every=mon.log_every, steps_per_epoch=updates * ts.accumulate_grad_batches)
-    return trainer
+    updates = config.data.epoch_steps(ts.accumulate_grad_batches, accelerator.num_processes)
+    settings = make_settings(
+        epochs=ts.epochs, steps_per_epoch=updates * ts.accumulate_grad_batches,
+        accumulate_grad_batches=ts.accumulate_grad_batches, gradient_clip_val=ts.gradient_clipping or 0.0,
+        early_stopping_patience=ts.early_stopping_patience, validate_every=mon.validate_every,
+        log_every=mon.log_every, plot_every=mon.plot_every, save_dir=ck.save_dir, save_every=mon.save_every,
+        save_top_k=ck.save_top_k, monitor_metric=ck.monitor_metric, mode=ck.mode, seed=ts.seed, cpu=force_cpu,
+        compile=ts.compile, px_size_nm=float(config.simulation.frame.px_size))
+    hook_list = list(build_hooks(config, teacher=teacher, initial_weights=getattr(loss_fn, "weights", None)))
+    return trainer_cls(model=model, loss_fn=loss_fn, optimizer_config=optimizer_dict(config),
+                       scheduler_config=scheduler_dict(config), settings=settings, hooks=hook_list + list(hooks),
+                       postprocessor=build_postprocessor(config), accelerator=accelerator,
+                       monitor=functools.partial(build_monitor, config), config=config, **trainer_kwargs)
 
 
 def build_monitor(config, is_main_process: bool = True):
+    """The ``TrainingMonitor`` of the ``monitoring`` section (JSONL, TensorBoard, W&B, plots)."""
     from decode_accel.training.monitor import TrainingMonitor
 
     mon = config.monitoring
@@ -357,19 +311,15 @@ def run_from_cli(argv: list[str], default_config: str | os.PathLike | None = Non
                             hooks=(PreemptionHook(),))
     acc = trainer.accelerator
     train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
-    monitor = build_monitor(config, is_main_process=acc.is_main_process)
     run_dir = Path(args.output_dir) if args.output_dir else Path(config.checkpointing.save_dir).parent
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.resolved.yaml")
     acc.print(f"decode_accel: {acc.num_processes} process(es) on {acc.device}, mixed precision "
-              f"{acc.mixed_precision}, {trainer.fit_kwargs['epochs']} epoch(s) x "
-              f"{trainer.fit_kwargs['steps_per_epoch']} batch(es)")
-    try:
-        history = trainer.train(train_loader, val_loader, resume=args.resume, monitor=monitor,
-                                export_dir=run_dir / "export", **trainer.fit_kwargs)
-    finally:
-        monitor.close()
+              f"{acc.mixed_precision}, {trainer.settings.epochs} epoch(s) x "
+              f"{trainer.settings.steps_per_epoch} batch(es)")
+    # the trainer builds the monitor of config.monitoring and closes it when the fit ends
+    history = trainer.train(train_loader, val_loader, resume=args.resume, export_dir=run_dir / "export")
     acc.print(f"done: best val_loss {history['best_val_loss']} at epoch {history['best_epoch']}, "
               f"{history['total_time']:.1f} s; export in {run_dir / 'export'}")
     return history

@@ -9,14 +9,15 @@ an optimizer update ("step") spans ``accumulate_grad_batches`` micro-batches)::
         for B in loader:
             on_step_start(trainer)                 first micro-batch of an optimizer update
             batch = on_batch(trainer, batch)       every micro-batch, on the device; may transform it
-            outputs = model(batch); losses = loss_fn(outputs, batch)
-            losses = on_loss(trainer, losses, outputs, batch)
-                                                   every micro-batch; may change terms and 'loss',
-                                                   or set trainer.skip_update to drop this update
-            backward(losses['loss'])
-            on_after_backward(trainer)             every micro-batch with a backward
-            if last micro-batch of the update:
-                clip, optimizer.step, lr schedule step
+            trainer.train_step(batch):             (overridable; the default is:)
+                outputs = model(batch); losses = loss_fn(outputs, batch)
+                losses = on_loss(trainer, losses, outputs, batch)
+                                                   every micro-batch; may change terms and 'loss', or
+                                                   vote to drop this update: trainer.veto_update(flag)
+                backward(losses['loss'])
+                on_after_backward(trainer)         every micro-batch with a backward
+                if last micro-batch of the update: votes read, clip, optimizer.step
+            if an update happened: lr schedule step
                 on_step_end(trainer, losses)       after each real optimizer update
         metrics = validate(val_loader)
         on_eval_end(trainer, metrics)              inside validate(), same metrics on every process
@@ -24,9 +25,18 @@ an optimizer update ("step") spans ``accumulate_grad_batches`` micro-batches)::
         checkpoint
     on_fit_end(trainer, history)
 
+Registration (``trainer.add_hook``, also for the ``hooks=`` argument) checks every ``on_*`` method
+against ``EVENTS``: a misspelt event is an error, not a hook that silently never runs. Adding a hook
+is one step: subclass ``Hook``, override the events you need, pass it in ``hooks=``.
+
 Every hook has ``state_dict()`` / ``load_state_dict()``; the trainer stores them in the checkpoint's
-``trainer_state['hooks']`` (JSON), so a resumed run continues with the same patience counters,
-curriculum stage and divergence budget. A hook asks the loop to stop with ``trainer.request_stop(reason)``.
+``trainer_state['hooks']`` (JSON) under the hook's stable name (``name`` attribute, default the class
+name; ``#2``, ``#3`` for repeats), so a resumed run continues with the same patience counters,
+curriculum stage and divergence budget, whatever the order of the hooks.
+
+Hooks never run collectives: they set flags and the trainer agrees on them across processes.
+``trainer.request_stop(reason, immediate=False, exit_code=None)`` asks to stop (at the epoch end, or
+after this update); ``trainer.veto_update(flag, on_veto)`` votes to drop the update now accumulating.
 """
 
 from __future__ import annotations
@@ -47,7 +57,12 @@ EVENTS = ("on_fit_start", "on_epoch_start", "on_step_start", "on_batch", "on_los
 
 
 class Hook:
-    """Base class: override the events you need. Transforming events return their (possibly new) value."""
+    """Base class: override the events you need. Transforming events return their (possibly new) value.
+
+    ``name`` (optional class or instance attribute) is the key of the hook's state in checkpoints.
+    """
+
+    name: str | None = None
 
     def on_fit_start(self, trainer) -> None:
         pass
@@ -85,6 +100,20 @@ class Hook:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def check_hook(hook) -> None:
+    """One-line error unless ``hook`` is a ``Hook`` whose ``on_*`` methods are all events of ``EVENTS``."""
+    import difflib
+
+    if not isinstance(hook, Hook):
+        raise DecodeAccelError(f"{type(hook).__name__} is not a Hook", field="hooks",
+                               fix="subclass decode_accel.training.Hook and override its on_* events")
+    for attr in dir(type(hook)):
+        if attr.startswith("on_") and attr not in EVENTS and callable(getattr(type(hook), attr, None)):
+            close = difflib.get_close_matches(attr, EVENTS, n=1)
+            raise DecodeAccelError(f"{type(hook).__name__}.{attr} is not a training event", field="hooks",
+                                   fix=f"rename it to {close[0]}" if close else f"events: {', '.join(EVENTS)}")
 
 
 def _metric(metrics: dict, name: str) -> float | None:
@@ -244,9 +273,8 @@ class DistillationHook(Hook):
 class EarlyStopping(Hook):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` validations.
 
-    The decision is synchronised across processes with ``accelerator.set_trigger`` /
-    ``check_trigger`` so that every rank leaves the loop at the same epoch (a rank that stopped alone
-    would hang the others in the next all-reduce).
+    Validation metrics are the same on every process, and the trainer agrees on stop requests at
+    every epoch end, so every rank leaves the loop at the same epoch (no collective here).
     """
 
     def __init__(self, patience: int, monitor: str = "val_loss", mode: str = "min", min_delta: float = 0.0):
@@ -266,8 +294,6 @@ class EarlyStopping(Hook):
         else:
             self.wait += 1
         if self.wait >= self.patience:
-            trainer.accelerator.set_trigger()
-        if trainer.accelerator.check_trigger():
             trainer.request_stop(f"early stopping: {self.monitor} did not improve for {self.patience} validations "
                                  f"(best {self.best})")
 
@@ -285,6 +311,9 @@ class ReduceLROnPlateauHook(Hook):
     Works with any per-update schedule: the reduction is applied to the schedule's base learning
     rate, so a warmup or a step schedule keeps shaping the reduced rate.
     """
+
+    #: the scheduler_config keys of ``{'type': 'ReduceLROnPlateau', ...}`` that configure this hook
+    OPTIONS = ("mode", "factor", "patience", "min_lr", "threshold", "cooldown")
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", factor: float = 0.5, patience: int = 10,
                  min_lr: float = 1e-7, threshold: float = 1e-4, cooldown: int = 0):
@@ -335,32 +364,38 @@ class ReduceLROnPlateauHook(Hook):
 class DivergenceGuard(Hook):
     """Catch non-finite or exploding losses before they reach the weights.
 
-    A loss is *bad* when it is NaN/inf, or larger than ``spike_factor`` x the median of the last
-    ``window`` good losses (once ``min_history`` are known). The verdict is all-reduced so every
-    process takes the same branch. ``action='skip'`` drops the whole optimizer update (no backward of
-    the bad loss, gradients cleared); ``action='rollback'`` also reloads the last complete checkpoint
-    (weights and optimizer) and multiplies the learning rate by ``lr_factor`` (DECODE's advice after
-    a pathological loss), falling back to skip when no checkpoint exists. Every event is logged;
-    after ``max_events`` events the run stops with a message saying what to change.
+    A loss is *bad* when it is NaN/inf, or larger than ``spike_factor`` x the robust scale above the
+    median of the last ``window`` good losses (once ``min_history`` are known). The check runs on the
+    device at every micro-batch and votes through ``trainer.veto_update``; the trainer reads the votes
+    once per optimizer update (no host sync per micro-batch) and every process takes the same branch.
+    The history behind the spike threshold is read from the device every ``refresh_every`` updates.
+    ``action='skip'`` drops the whole optimizer update (gradients cleared, optimizer untouched);
+    ``action='rollback'`` also reloads the last complete checkpoint (weights and optimizer) and multiplies
+    the learning rate by ``lr_factor`` (DECODE's advice after a pathological loss), falling back to skip
+    when no checkpoint exists. Every event is logged; after ``max_events`` events the run stops with a
+    message saying what to change.
     """
 
     def __init__(self, action: str = "skip", max_events: int = 3, spike_factor: float = 20.0, window: int = 50,
-                 min_history: int = 10, lr_factor: float = 0.5):
+                 min_history: int = 10, lr_factor: float = 0.5, refresh_every: int = 10):
         if action not in ("skip", "rollback"):
             raise DecodeAccelError(f"action must be 'skip' or 'rollback', got {action!r}", field="action",
                                    fix="use skip or rollback")
         self.action, self.max_events, self.spike_factor = action, int(max_events), float(spike_factor)
-        self.min_history, self.lr_factor = int(min_history), float(lr_factor)
+        self.min_history, self.lr_factor, self.refresh_every = int(min_history), float(lr_factor), int(refresh_every)
         self.history: deque[float] = deque(maxlen=int(window))
         self.events = 0
         self.log: list[dict] = []
+        self.threshold: float | None = None  # losses above it are spikes (from the history at the last refresh)
+        self._pending: list = []             # good losses not yet in the history (device tensors / floats)
+        self._group: list = []               # the losses of the update now accumulating
 
-    def _is_bad(self, loss: torch.Tensor) -> tuple[bool, str]:
-        value = float(loss.detach())
+    def _is_bad(self, loss) -> tuple[bool, str]:
+        """The host-side verdict on one loss value with the current history (and the reason)."""
+        value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
         if not math.isfinite(value):
             return True, f"non-finite loss {value}"
         if len(self.history) >= self.min_history:
-            # the mixture NLL is often negative: judge the distance above the median by a robust scale
             from decode_accel.training.monitor import robust_location_scale
 
             med, scale = robust_location_scale(self.history)
@@ -370,16 +405,42 @@ class DivergenceGuard(Hook):
         return False, ""
 
     def on_loss(self, trainer, losses, outputs, batch):
-        bad, why = self._is_bad(losses["loss"])
-        flag = torch.tensor([1.0 if bad else 0.0], device=trainer.device)
-        if trainer.accelerator.num_processes > 1:
-            flag = trainer.accelerator.reduce(flag, reduction="sum")
-        if float(flag) == 0.0:
-            self.history.append(float(losses["loss"].detach()))
-            return losses
+        loss = losses["loss"].detach()
+        bad = ~torch.isfinite(loss)
+        if self.threshold is not None:
+            bad = bad | (loss > self.threshold)
+        self._group.append(loss)
+        trainer.veto_update(bad, on_veto=self._vetoed)
+        return losses
+
+    def on_step_start(self, trainer):
+        self._group = []
+
+    def on_step_end(self, trainer, losses):
+        self._pending += self._group
+        self._group = []
+        if trainer.global_step % self.refresh_every == 0:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Move the pending losses into the history (one host sync) and update the spike threshold."""
+        values = [float(v) for v in self._pending if not torch.is_tensor(v)]
+        tensors = [v for v in self._pending if torch.is_tensor(v)]
+        if tensors:
+            values += torch.stack(tensors).float().tolist()
+        self._pending = []
+        self.history.extend(v for v in values if math.isfinite(v))
+        if len(self.history) >= self.min_history:
+            from decode_accel.training.monitor import robust_location_scale
+
+            med, scale = robust_location_scale(self.history)
+            self.threshold = med + self.spike_factor * scale
+
+    def _vetoed(self, trainer) -> None:
+        """Called by the trainer (on every process) when an update was dropped."""
+        this_update, self._group = self._group, []
+        why = next((w for bad, w in map(self._is_bad, this_update) if bad), "") or "a bad loss on another process"
         self.events += 1
-        why = why or "a bad loss on another process"
-        trainer.skip_update = True
         action = self.action
         if action == "rollback" and not trainer.rollback_to_last_checkpoint(self.lr_factor):
             action = "skip (no checkpoint to roll back to)"
@@ -391,18 +452,21 @@ class DivergenceGuard(Hook):
         if monitor is not None and hasattr(monitor, "log_event"):  # into metrics.jsonl next to the metrics
             monitor.log_event("divergence", **event)
         if self.events >= self.max_events:
-            trainer.request_stop(immediate=True, reason=f"training diverged {self.events} times (last: {why}); lower the learning rate "
-                                 f"(optimizer.lr), enable gradient clipping (training_strategy.gradient_clipping) "
-                                 f"or check the simulation/labels")
-        return losses
+            trainer.request_stop(immediate=True, reason=f"training diverged {self.events} times (last: {why}); lower "
+                                 f"the learning rate (optimizer.lr), enable gradient clipping "
+                                 f"(training_strategy.gradient_clipping) or check the simulation/labels")
 
     def state_dict(self):
-        return {"events": self.events, "history": list(self.history), "log": self.log[-20:]}
+        pending = [float(v) for v in self._pending]
+        return {"events": self.events, "history": list(self.history), "pending": pending,
+                "threshold": self.threshold, "log": self.log[-20:]}
 
     def load_state_dict(self, state):
         self.events = int(state.get("events", 0))
         self.history.clear()
         self.history.extend(float(v) for v in state.get("history", []))
+        self._pending = [float(v) for v in state.get("pending", [])]
+        self.threshold = state.get("threshold")
         self.log = list(state.get("log", []))
 
 
@@ -422,7 +486,11 @@ class MonitorHook(Hook):
     def on_step_end(self, trainer, losses):
         if trainer.global_step % self.log_every:
             return
-        metrics = {f"train_{k}" if k != "loss" else "train_loss": float(v.detach()) for k, v in losses.items()}
+        # read from the device here, every log_every updates only
+        names = list(losses)
+        values = torch.stack([torch.as_tensor(losses[k], dtype=torch.float32).detach().cpu() for k in names]).tolist() \
+            if names else []
+        metrics = {f"train_{k}" if k != "loss" else "train_loss": v for k, v in zip(names, values)}
         metrics["learning_rate"] = trainer.get_lr()
         if trainer.grad_norm is not None:
             metrics["grad_norm"] = float(trainer.grad_norm)

@@ -8,21 +8,21 @@ optimizer and data position it saves are those of a finished update, never of a 
 
 Decisions:
 
-* **synchronised across processes**: every process calls ``accelerator.set_trigger`` when it saw a
-  signal and ``accelerator.check_trigger`` (an all-reduce) at every update end, so all ranks stop at
-  the same update even when the launcher signalled only some of them (a rank that left alone would
-  hang the others in the next collective);
+* **agreed across processes by the trainer**: the hook only asks ``trainer.request_stop(immediate=True,
+  exit_code=...)``; the trainer agrees with the other processes (free with one process; with several,
+  one small all-reduce every ``sync_every`` updates and at each epoch end), so all ranks stop at the
+  same update even when the launcher signalled only some of them, and all exit with the same code
+  (130 if any rank saw SIGINT);
 * **SIGTERM** -> checkpoint, then ``SystemExit(0)``: the job was asked to stop and stopped correctly,
   so schedulers that requeue on success (or on a zero exit) resume it with ``--resume``;
 * **SIGINT** (Ctrl-C) -> the same checkpoint, then ``SystemExit(130)`` (128 + SIGINT, the shell's code
   for "interrupted"), so a script can tell an interrupted run from a finished one. A *second* Ctrl-C
   before the checkpoint is written gives up on it and raises ``KeyboardInterrupt`` at once;
-* mid-epoch the checkpoint is saved as *incomplete epoch* (``trainer_state.batches_done``), so the
-  resumed run continues with the next micro-batch; when the signal arrives at the epoch's last update
+* mid-epoch the trainer saves the checkpoint as *incomplete epoch* (``trainer_state.batches_done``), so
+  the resumed run continues with the next micro-batch; when the stop falls on the epoch's last update
   the epoch is finished normally (validation, epoch checkpoint) and the process exits after it, before
   the export;
-* ``exit_process=False`` (library use, e.g. a notebook) does not exit: it saves and asks the trainer
-  to stop after this micro-batch (``trainer.request_stop(immediate=True)``).
+* ``exit_process=False`` (library use, e.g. a notebook) does not exit: the trainer saves and returns.
 
 The previous signal handlers are put back when the fit ends. Handlers can only be installed from the
 main thread; elsewhere the hook logs a warning and does nothing.
@@ -35,8 +35,6 @@ import os
 import signal
 import threading
 from typing import Iterable
-
-import torch
 
 from decode_accel.training.hooks import Hook
 
@@ -68,7 +66,6 @@ class PreemptionHook(Hook):
         self.checkpoint = None
         self.exit_code: int | None = None
         self._previous: dict[int, object] = {}
-        self._exit_after_epoch = False
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------ signal plumbing
@@ -113,57 +110,28 @@ class PreemptionHook(Hook):
 
     # ------------------------------------------------------------------ hook events
     def on_fit_start(self, trainer):
-        self.received, self.checkpoint, self.exit_code, self._exit_after_epoch = None, None, None, False
+        self.received, self.checkpoint, self.exit_code = None, None, None
         self.install()
 
     def on_step_end(self, trainer, losses):
-        acc = trainer.accelerator
-        if self.received is not None:
-            acc.set_trigger()
-        # every process takes part in the all-reduce at every update, signalled or not
-        if not acc.check_trigger():
-            return
-        signum = self._agreed_signal(trainer)
-        self.exit_code = EXIT_CODES.get(signum, 0)
-        name = signal.Signals(signum).name
-        last_of_epoch = trainer.batch_idx + 1 >= trainer.batches_per_epoch
-        if last_of_epoch:
-            # let the loop finish the epoch (validation + epoch checkpoint) and stop after it
-            self._exit_after_epoch = self.exit_process
-            trainer.request_stop(f"{name}: stopping after this epoch's checkpoint")
-            return
-        if trainer.checkpoint_manager is not None:
-            self.checkpoint = trainer.save_checkpoint(metrics=None, epoch_complete=False)
-            acc.print(f"decode_accel: {name}: checkpoint {self.checkpoint} written at epoch {trainer.epoch}, "
-                      f"update {trainer.global_step}; continue with --resume")
-        else:
-            logger.warning("%s received but the trainer has no checkpoint folder (save_dir): nothing saved", name)
-        if self.exit_process:
-            self._exit(trainer)
-        trainer.request_stop(f"{name}: pre-empted at update {trainer.global_step}", immediate=True)
+        # a flag for the trainer, which agrees on it with the other processes and writes the checkpoint
+        if self.received is not None and self.exit_code is None:
+            self.exit_code = EXIT_CODES.get(self.received, 0)
+            name = signal.Signals(self.received).name
+            trainer.request_stop(f"{name}: pre-empted at update {trainer.global_step}", immediate=True,
+                                 exit_code=self.exit_code if self.exit_process else None)
 
     def on_fit_end(self, trainer, history):
-        if self._exit_after_epoch:
-            if trainer.checkpoint_manager is not None:
-                self.checkpoint = trainer.checkpoint_manager.latest_complete() \
-                    if trainer.accelerator.is_main_process else None
-            self._exit(trainer)
+        if trainer.stop_reason and trainer.exit_code is not None:
+            self.exit_code = trainer.exit_code  # the code every process agreed on
+        if self.received is not None or trainer.exit_code is not None:
+            self.checkpoint = trainer.last_checkpoint if trainer.accelerator.is_main_process else None
+            if self.checkpoint is not None:
+                trainer.accelerator.print(f"decode_accel: checkpoint {self.checkpoint} written at epoch {trainer.epoch}, "
+                                          f"update {trainer.global_step}; continue with --resume")
+            elif trainer.checkpoint_manager is None:
+                logger.warning("pre-empted but the trainer has no checkpoint folder (save_dir): nothing saved")
         self.uninstall()
-
-    # ------------------------------------------------------------------ helpers
-    def _agreed_signal(self, trainer) -> int:
-        """SIGINT if any process saw SIGINT, else SIGTERM: all processes exit with the same code."""
-        acc = trainer.accelerator
-        saw_int = torch.tensor(1.0 if self.received == signal.SIGINT else 0.0, device=acc.device)
-        if acc.num_processes > 1:
-            saw_int = acc.reduce(saw_int, reduction="sum")
-        return int(signal.SIGINT) if float(saw_int) > 0 else int(signal.SIGTERM)
-
-    def _exit(self, trainer):
-        self.uninstall()
-        trainer.accelerator.wait_for_everyone()
-        logger.warning("pre-empted: exiting with code %d after the checkpoint", self.exit_code)
-        raise SystemExit(self.exit_code)
 
     def state_dict(self) -> dict:
         # nothing to carry over: a resumed run starts without a pending signal

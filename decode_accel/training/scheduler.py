@@ -115,9 +115,11 @@ class StepSchedule(StrictModel):
         # the config's TermSchedule form: start_value until end_epoch, then end_value
         if isinstance(data, dict) and "values" not in data and {"start_value", "end_value", "end_epoch"} <= set(data):
             data = dict(data)
+            if data.pop("start_epoch", None) not in (None, 0, 0.0):
+                raise ValueError("a step schedule switches once, at end_epoch; start_epoch has no meaning here "
+                                 "(remove it, or use type linear for a ramp from start_epoch to end_epoch)")
             data["values"] = [data.pop("start_value"), data.pop("end_value")]
             data["milestones"] = [data.pop("end_epoch")]
-            data.pop("start_epoch", None)
         return data
 
     @model_validator(mode="after")
@@ -349,6 +351,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, scheduler_config: dict 
     schedule: the plateau logic is ``ReduceLROnPlateauHook``), any other ``torch.optim.lr_scheduler``
     class (kwargs in updates), or none. ``interval`` (default epoch for the first four) says in which unit
     step_size / milestones / T_max / gamma are given; warmup_steps is always in optimizer updates.
+    OneCycleLR's ``epochs`` x ``steps_per_epoch`` (optimizer updates per epoch), when given, set the cycle
+    length instead of the run's length; a cycle shorter than the run is refused (torch cannot step past it).
     """
     if not scheduler_config:
         return None
@@ -404,8 +408,18 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, scheduler_config: dict 
                                    fix="use StepLR, MultiStepLR, ExponentialLR, CosineAnnealingLR, OneCycleLR, "
                                        "ReduceLROnPlateau, none, or a torch.optim.lr_scheduler class name")
         if kind == "OneCycleLR":
+            if "total_steps" not in cfg and ("epochs" in cfg or "steps_per_epoch" in cfg):
+                if not ("epochs" in cfg and "steps_per_epoch" in cfg):
+                    raise DecodeAccelError("OneCycleLR needs both epochs and steps_per_epoch, or neither",
+                                           field="scheduler.epochs/steps_per_epoch",
+                                           fix="give both, or leave both out to span the run's updates")
+                cfg["total_steps"] = int(cfg.pop("epochs")) * int(cfg.pop("steps_per_epoch"))
             cfg.setdefault("total_steps", max(1, int(total_updates)))
-            cfg.pop("epochs", None), cfg.pop("steps_per_epoch", None)
+            if int(cfg["total_steps"]) < int(total_updates):
+                raise DecodeAccelError(f"OneCycleLR spans {cfg['total_steps']} updates but the run has {total_updates}",
+                                       field="scheduler.total_steps/epochs/steps_per_epoch",
+                                       fix="leave them out (the cycle then spans the run) or make the cycle as long "
+                                           "as epochs x optimizer updates per epoch")
             if "max_lr" not in cfg:
                 cfg["max_lr"] = [g["lr"] for g in optimizer.param_groups]
         try:

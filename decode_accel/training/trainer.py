@@ -1,17 +1,32 @@
 """The training loop: ``BaseTrainer`` (single channel) and ``MultiChannelTrainer`` (two-channel ratiometric).
 
 An ``accelerate.Accelerator`` owns device placement, mixed precision, gradient accumulation and
-distribution; the trainer owns the loop, the schedules, the hooks and the checkpoint format. The loop
-(``train`` -> ``train_epoch`` -> ``_update`` -> ``validate``) reads top to bottom; everything optional
-(loss schedules, curriculum, distillation, early stopping, plateau LR, divergence guard, monitoring) is a
-hook (``decode_accel.training.hooks``, where a map shows where each event fires).
+distribution; the trainer owns the loop, the schedules, the hooks, the stop/skip decisions and the
+checkpoint format. Read it top to bottom: ``train`` (epochs) -> ``train_epoch`` (micro-batches) ->
+``train_step`` (one micro-batch: forward, loss, backward, and at the end of an accumulation group the
+optimizer update) -> ``validate``. Everything optional (loss schedules, curriculum, distillation, early
+stopping, plateau LR, divergence guard, monitoring, pre-emption) is a hook
+(``decode_accel.training.hooks``, where a map shows where each event fires).
+
+Extending it the seed's way: subclass and override ``train_step(batch)`` (the unit of the loop; its
+return value is the loss, or a dict of loss terms) or ``train_epoch(loader)``, using the seed's
+attributes ``self.model``, ``self.optimizer``, ``self.loss_fn``, ``self.current_epoch``,
+``self.gradient_clip_val``, ``self.accumulate_grad_batches`` and the helpers ``compute_loss``,
+``backward``, ``clip_gradients``, ``optimizer_step``, ``autocast`` and ``epoch_batches``. The
+README's section "Extending the trainer" maps each line of the seed's examples to these.
 
 Data: a *map-style* loader (HDF5 / Arrow windows) goes through ``accelerator.prepare`` with a seedable
 sampler, so processes see disjoint shards and a resumed run replays the same order
-(``set_epoch`` + ``skip_first_batches``). The *on-the-fly simulated stream* (an ``IterableDataset``)
-shards itself by process rank and is NOT prepared (prepare would make rank 0 simulate everything, or
-every rank simulate everything); the trainer moves its batches to the device and counts the samples it
-consumed so that a resumed run restarts the stream at the right sample index.
+(``set_epoch`` + ``skip_first_batches``); a loader whose sampler is a ``DistributedSampler`` is taken
+as already sharded. The *on-the-fly simulated stream* (an ``IterableDataset``) shards itself by
+process rank and is NOT prepared; the trainer moves its batches to the device and counts the samples
+it consumed so that a resumed run restarts the stream at the right sample index.
+
+Host synchronisation: none per micro-batch. Loss terms are summed on the device and read once per
+epoch (and by the monitor every ``log_every`` updates); a veto (``DivergenceGuard``) is read once per
+optimizer update, like ``torch.amp.GradScaler``'s inf check; with several processes, stop requests
+(early stopping, pre-emption, time budgets) are agreed every ``sync_every`` updates and at every epoch
+end, in one small all-reduce owned by the trainer (hooks only set flags).
 
 Units: the batch and the model output follow docs/architecture.md (photons, px, nm); the validation
 tables are in nm, built with ``px_size_nm``.
@@ -26,24 +41,211 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from pydantic import Field, ValidationError, field_validator
 
+from decode_accel.config_base import StrictModel
 from decode_accel.errors import DecodeAccelError
-from decode_accel.training.builders import build_optimizer, resolve_mixed_precision
-from decode_accel.training.hooks import (CurriculumHook, DistillationHook, EarlyStopping, Hook,
-                                         MonitorHook, ReduceLROnPlateauHook)
+from decode_accel.training.hooks import (EVENTS, CurriculumHook, DistillationHook, EarlyStopping, Hook, MonitorHook,
+                                         ReduceLROnPlateauHook, check_hook)
 from decode_accel.training.scheduler import build_lr_scheduler
 
 logger = logging.getLogger("decode_accel.training")
 
+_PRECISIONS = ("no", "bf16", "fp16", "fp8")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+class TrainerSettings(StrictModel):
+    """Every run setting of a trainer, validated (unknown names and impossible values are one-line errors).
+
+    ``BaseTrainer(..., settings=TrainerSettings(...))`` or the same names as keywords
+    (``BaseTrainer(..., cpu=True, seed=3)``); ``train(loader, epochs=5, save_dir=...)`` overrides them
+    for that fit. ``builders.build_trainer`` fills them from a ``TrainingConfig``.
+    """
+
+    # the loop
+    epochs: int = Field(1, ge=1, description="epochs to train (count)")
+    steps_per_epoch: Optional[int] = Field(
+        None, ge=1, description="micro-batches per epoch (count); required for an endless simulated stream; "
+                                "default: the whole map-style loader")
+    accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer update (count)")
+    gradient_clip_val: float = Field(0.0, ge=0, description="clip the global gradient L2 norm to this; 0 = off")
+    validate_every: int = Field(1, ge=1, description="validate every N epochs, and after the last (epochs)")
+    val_steps: Optional[int] = Field(None, ge=1, description="validation batches per validation (count); "
+                                                             "default: the whole validation loader")
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="stop after N validations without improvement of monitor_metric (count)")
+    # logging
+    log_every: int = Field(50, ge=1, description="batch metrics to the monitor every N optimizer updates")
+    plot_every: Optional[int] = Field(None, ge=1, description="training-curve and prediction plots every N "
+                                                              "epochs, with a monitor (epochs)")
+    # checkpoints and export
+    save_dir: Optional[str] = Field(None, description="folder of the step-N checkpoints; None = no checkpoints")
+    save_every: int = Field(1, ge=1, description="checkpoint every N epochs, and after the last (epochs)")
+    save_every_n_steps: Optional[int] = Field(None, ge=1, description="also checkpoint every N updates (updates)")
+    save_top_k: int = Field(3, ge=0, description="keep the k best checkpoints by monitor_metric (count)")
+    monitor_metric: str = Field("val_loss", description="metric ranking checkpoints and driving early stopping")
+    mode: Literal["min", "max"] = Field("min", description="min: lower monitor_metric is better")
+    resume: bool = Field(False, description="continue from the last complete checkpoint in save_dir")
+    export_dir: Optional[str] = Field(None, description="export folder written after the fit; default "
+                                                        "save_dir/export when the simulation config is known")
+    # the process
+    seed: int = Field(0, ge=0, description="base random seed (per-process streams derive theirs from it)")
+    cpu: bool = Field(False, description="force the CPU; needed for multi-process CPU training")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (sets the "
+                                                            "model's flag)")
+    compile: bool = Field(False, description="torch.compile the prepared model")
+    px_size_nm: Optional[float] = Field(None, gt=0, description="pixel size of the validation tables (nm); "
+                                                                "default the postprocessor's")
+    sync_every: int = Field(16, ge=1, description="with several processes: optimizer updates between "
+                                                  "agreements on stop requests (updates)")
+
+    @field_validator("save_dir", "export_dir", mode="before")
+    @classmethod
+    def _path(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    def updated(self, **changes) -> "TrainerSettings":
+        """A validated copy with ``changes`` applied (one-line error naming the field)."""
+        return make_settings(self, **changes)
+
+
+def make_settings(base: "TrainerSettings | dict | None" = None, **changes) -> TrainerSettings:
+    """``TrainerSettings`` from a base (settings or dict) and keyword changes; one-line error when invalid."""
+    data = base.model_dump() if isinstance(base, TrainerSettings) else dict(base or {})
+    data.update(changes)
+    try:
+        return TrainerSettings.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        name = ".".join(str(p) for p in e["loc"]) or "settings"
+        if e["type"] == "extra_forbidden":
+            import difflib
+            close = difflib.get_close_matches(name, list(TrainerSettings.model_fields), n=1)
+            raise DecodeAccelError(f"unknown trainer argument {name!r}", field=name,
+                                   fix=f"did you mean {close[0]!r}?" if close else
+                                   "see decode_accel.training.trainer.TrainerSettings for the accepted names") from None
+        raise DecodeAccelError(f"{e['msg']} (got {e.get('input')!r})", field=name,
+                               fix="see decode_accel.training.trainer.TrainerSettings") from None
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+def resolve_mixed_precision(mixed_precision: str | bool | None, cpu: bool) -> str | None:
+    """The Accelerator's ``mixed_precision`` argument.
+
+    True -> bf16 on a GPU, "no" on the CPU (bf16 autocast is ~10x slower on CPUs without bf16 units);
+    False -> "no"; None -> the launcher's setting (``ACCELERATE_MIXED_PRECISION``) if any, else fp32 on
+    the CPU and bf16 on a GPU; a string is passed on.
+    """
+    gpu = torch.cuda.is_available() and not cpu
+    if mixed_precision is None:
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None
+        return "bf16" if gpu else "no"
+    if mixed_precision is True:
+        return "bf16" if gpu else "no"
+    if mixed_precision is False:
+        return "no"
+    if mixed_precision not in _PRECISIONS:
+        raise DecodeAccelError(f"unknown mixed_precision {mixed_precision!r}", field="mixed_precision",
+                               fix=f"use one of {', '.join(_PRECISIONS)}")
+    return mixed_precision
+
+
+def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
+    """``{'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4, 'amsgrad': True}`` -> a torch optimizer.
+
+    ``type`` is any ``torch.optim`` class name (Adam, AdamW, SGD, RMSprop, ...); the other keys are its
+    keyword arguments (``learning_rate`` is accepted for ``lr``).
+    """
+    cfg = dict(optimizer_config)
+    kind = cfg.pop("type", "AdamW")
+    if "learning_rate" in cfg and "lr" not in cfg:
+        cfg["lr"] = cfg.pop("learning_rate")
+    cfg.update(cfg.pop("kwargs", None) or {})
+    if "betas" in cfg and cfg["betas"] is not None:
+        cfg["betas"] = tuple(cfg["betas"])
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    cls = getattr(torch.optim, str(kind), None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise DecodeAccelError(f"unknown optimizer type {kind!r}", field="optimizer.type",
+                               fix="use a torch.optim class name such as Adam, AdamW or SGD")
+    try:
+        return cls(params, **cfg)
+    except (TypeError, ValueError) as err:
+        raise DecodeAccelError(f"cannot build {kind}: {err}", field="optimizer", fix=f"check the {kind} arguments") \
+            from None
+
+
+def make_accelerator(device: str | torch.device | None = None, mixed_precision: str | bool | None = None,
+                     cpu: bool = False) -> Accelerator:
+    """The Accelerator for ``device`` (None, 'cpu', 'cuda' or 'cuda:N') and ``mixed_precision``.
+
+    'cuda:N' selects GPU N for a single-process run; a multi-process run takes its GPUs from the
+    launcher (``accelerate launch --gpu_ids``, ``CUDA_VISIBLE_DEVICES``). 'cuda' without a GPU falls
+    back to the CPU with a warning; any other device is a one-line error.
+    """
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise DecodeAccelError(f"unknown device {device!r}", field="device", fix="use 'cpu', 'cuda' or 'cuda:N'") \
+                from None
+        if dev.type not in ("cpu", "cuda"):
+            raise DecodeAccelError(f"device {device!r} is not supported", field="device",
+                                   fix="use 'cpu', 'cuda' or 'cuda:N'")
+        if dev.type == "cpu":
+            cpu = True
+        elif not torch.cuda.is_available():
+            logger.warning("device=%r requested but CUDA is not available; training on the CPU", str(device))
+            cpu = True
+        elif dev.index is not None and not cpu:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise DecodeAccelError(f"device={str(device)!r} names one GPU but this run has several processes",
+                                       field="device", fix="pass device='cuda' and choose the GPUs with "
+                                                           "accelerate launch --gpu_ids or CUDA_VISIBLE_DEVICES")
+            if dev.index >= torch.cuda.device_count():
+                raise DecodeAccelError(f"device={str(device)!r} but only {torch.cuda.device_count()} GPU(s) are "
+                                       f"visible", field="device", fix="use an index below the GPU count")
+            torch.cuda.set_device(dev.index)  # the Accelerator of a single process uses the current GPU
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(mixed_precision, cpu),
+                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
+    except ValueError as err:
+        raise DecodeAccelError(str(err).splitlines()[0], field="mixed_precision/cpu",
+                               fix="one process can hold one Accelerator setting; restart the "
+                                   "interpreter or pass the same values") from None
+
 
 def _is_stream(loader) -> bool:
     return isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset)
+
+
+def _is_sharded(loader) -> bool:
+    return isinstance(getattr(loader, "sampler", None), torch.utils.data.distributed.DistributedSampler)
+
+
+def _as_terms(result) -> dict:
+    """``train_step``'s return value (a dict of terms, a tensor or a float) as ``{term: value}``."""
+    if isinstance(result, dict):
+        return result
+    if result is None:
+        return {}
+    return {"loss": result}
+
+
+def _add_terms(sums: dict, terms: dict, weight: float = 1.0) -> dict:
+    """Running sums of loss terms, on the device (no host sync)."""
+    for k, v in terms.items():
+        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+        sums[k] = sums[k] + v * weight if k in sums else v * weight
+    return sums
 
 
 def batch_to_table(batch: dict, frame_offset: int, px_size_nm: float):
@@ -67,6 +269,7 @@ def batch_to_table(batch: dict, frame_offset: int, px_size_nm: float):
     return table
 
 
+# ---------------------------------------------------------------------------------------------- the trainer
 class BaseTrainer:
     """Trains a localization network with an ``accelerate.Accelerator``.
 
@@ -77,87 +280,86 @@ class BaseTrainer:
         optimizer_config: ``{'type': 'AdamW', 'lr': 1e-3, ...}``: any ``torch.optim`` class and its kwargs.
         scheduler_config: ``{'type': 'StepLR', 'step_size': 30, 'gamma': 0.5, 'interval': 'epoch',
             'warmup_steps': 0}`` (see ``decode_accel.training.scheduler.build_lr_scheduler``);
-            ``ReduceLROnPlateau`` installs a ``ReduceLROnPlateauHook`` on the validation loss.
-        device: ``'cpu'`` forces the CPU (same as ``cpu=True``); otherwise the Accelerator places the
-            model (a requested but missing GPU falls back to the CPU with a warning).
+            ``ReduceLROnPlateau`` installs a ``ReduceLROnPlateauHook`` on the validation metric.
+        device: None (the launcher's choice), ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` (see ``make_accelerator``).
         mixed_precision: ``'no' | 'bf16' | 'fp16'``, ``True`` (bf16 on GPU, fp32 on CPU where bf16 is
             ~10x slower) or ``None`` (the launcher's setting, else fp32 on CPU and bf16 on GPU).
-        hooks: extra ``Hook`` objects.
+        settings: a ``TrainerSettings`` (or dict); keyword arguments with its field names (``cpu``,
+            ``seed``, ``epochs``, ...) override it.
+        hooks: extra ``Hook`` objects (checked: a misspelt ``on_*`` method is an error).
         postprocessor: ``PostProcessor`` turning output maps into a table (nm) for the validation
             metrics (JI, RMSE, efficiency); None -> validation reports losses only.
-        accelerator: an existing Accelerator (then ``cpu``/``mixed_precision`` are the caller's business).
-        cpu: force the CPU; also required for multi-process CPU training (see accelerate_notes.md).
-        seed: base seed (``accelerate.utils.set_seed``; per-process streams derive their seeds from it).
-        gradient_checkpointing: recompute activations in backward (sets the model's flag).
-        px_size_nm: pixel size used for validation tables (nm); default the postprocessor's.
-        checkpoint_dir / save_top_k / monitor_metric / mode: CheckpointManager settings for ``train(save_dir=...)``.
+        accelerator: an existing Accelerator (then ``device``/``mixed_precision``/``cpu`` are its business).
+        monitor: a ``TrainingMonitor``, or a callable ``(is_main_process) -> TrainingMonitor`` that each
+            ``train()`` calls (and closes the monitor after) when it is given none.
         config: the ``TrainingConfig`` (stored in checkpoints and the export folder).
-        simulation_config: the simulation section (needed to write the export folder).
+        simulation_config: the simulation section (needed to write the export folder; default
+            ``config.simulation``).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn, optimizer_config: dict | None = None,
                  scheduler_config: dict | None = None, device: str | torch.device | None = None,
-                 mixed_precision: str | bool | None = None, hooks: Iterable[Hook] = (), postprocessor=None,
-                 accelerator: Accelerator | None = None, cpu: bool = False, seed: int = 0,
-                 gradient_checkpointing: bool = False, px_size_nm: float | None = None, config: Any = None,
-                 simulation_config: Any = None, save_top_k: int = 3, monitor_metric: str = "val_loss",
-                 mode: str = "min"):
-        self.seed = int(seed)
-        set_seed(self.seed)
-        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-            logger.warning("device=%r requested but CUDA is not available; training on the CPU", str(device))
-        cpu = bool(cpu or (device is not None and str(device) == "cpu"))
-        if accelerator is None:
-            try:
-                accelerator = Accelerator(
-                    cpu=cpu, mixed_precision=resolve_mixed_precision(mixed_precision, cpu),
-                    dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
-            except ValueError as err:
-                raise DecodeAccelError(str(err).splitlines()[0], field="mixed_precision/cpu",
-                                       fix="one process can hold one Accelerator setting; restart the "
-                                           "interpreter or pass the same values") from None
-        self.accelerator = accelerator
-        if gradient_checkpointing:
+                 mixed_precision: str | bool | None = None, *, settings: TrainerSettings | dict | None = None,
+                 hooks: Iterable[Hook] = (), postprocessor=None, accelerator: Accelerator | None = None,
+                 monitor: Any = None, config: Any = None, simulation_config: Any = None, **setting_values):
+        self.settings = make_settings(settings, **setting_values)
+        s = self.settings
+        set_seed(s.seed)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(device, mixed_precision, s.cpu)
+        if s.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing"):
                 raise DecodeAccelError(f"{type(model).__name__} has no gradient_checkpointing flag",
                                        field="gradient_checkpointing", fix="use SigmaMUNet/DoubleMUNet or set it False")
             model.gradient_checkpointing = True
-        self.loss_fn = loss_fn.to(accelerator.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+        self.loss_fn = loss_fn.to(self.accelerator.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         self.optimizer_config = dict(optimizer_config or {"type": "AdamW", "lr": 1e-3})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
-        optimizer = build_optimizer(model.parameters(), self.optimizer_config)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.hooks: list[Hook] = list(hooks)
-        if self.scheduler_config and self.scheduler_config.get("type") == "ReduceLROnPlateau":
-            kw = {k: v for k, v in self.scheduler_config.items()
-                  if k in ("mode", "factor", "patience", "min_lr", "threshold", "cooldown")}
-            self.hooks.append(ReduceLROnPlateauHook(monitor=monitor_metric, **kw))
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model.parameters(),
+                                                                                     self.optimizer_config))
+        if s.compile:
+            self.model = torch.compile(self.model)
+        # every real optimizer step (ours or an override's) is seen here: it defines an "update"
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.register_step_post_hook(lambda *_: setattr(self, "_stepped", True))
         self.postprocessor = postprocessor
-        self.px_size_nm = px_size_nm if px_size_nm is not None else getattr(postprocessor, "px_size_nm", None)
-        self.config, self.simulation_config = config, simulation_config
-        self.save_top_k, self.monitor_metric, self.mode = save_top_k, monitor_metric, mode
+        self.config = config
+        self.simulation_config = simulation_config if simulation_config is not None else getattr(config, "simulation",
+                                                                                                  None)
+        self._monitor_source = monitor
+        self.hooks: list[Hook] = []
+        for hook in hooks:
+            self.add_hook(hook)
+        if self.scheduler_config and self.scheduler_config.get("type") == "ReduceLROnPlateau":
+            self.add_hook(ReduceLROnPlateauHook(monitor=s.monitor_metric, **{
+                k: v for k, v in self.scheduler_config.items() if k in ReduceLROnPlateauHook.OPTIONS}))
         # loop state (saved in checkpoints)
         self.epoch, self.global_step, self.batch_idx = 0, 0, 0
         self.stream_samples = 0          # samples this process consumed from a simulated stream
-        self._skip_batches = 0           # micro-batches of the current epoch already done (resume)
         self.history: dict[str, Any] = {"train_loss": [], "val_loss": [], "val_metrics": [], "lr": [],
                                         "best_val_loss": None, "best_epoch": None}
+        self.epoch_terms: dict[str, float] = {}   # mean of each loss term over the last training epoch
+        # per-fit state
         self.lr_schedule = None
         self.checkpoint_manager = None
-        self.skip_update, self.should_stop, self.stop_reason, self._stop_now = False, False, None, False
-        self.grad_norm = None
-        self.batch_size, self.accumulate_grad_batches, self.updates_per_epoch, self.batches_per_epoch = 1, 1, 1, 1
-        self.gradient_clip_val, self.steps_per_epoch, self.save_every_n_steps = 0.0, None, None
-        self.plot_every: int | None = None  # epochs between training-curve / prediction plots (with a monitor)
+        self.monitor = None              # the TrainingMonitor of the current fit (hooks write events to it)
+        self.grad_norm = None            # global gradient norm of the last clipped update (device tensor)
+        self.last_checkpoint = None      # folder of the last checkpoint written
+        self.exit_code: int | None = None
+        self.batch_size, self.batches_per_epoch, self.updates_per_epoch = 1, 1, 1
+        self.skip_update = False         # a host-side veto of this update (prefer veto_update)
+        self.should_stop, self.stop_reason, self._stop_now = False, None, False
+        self._pending_stop: tuple | None = None
+        self._veto, self._veto_callbacks = None, []
+        self._stepped, self._dropped, self._fitting, self._set_up = False, False, False, False
+        self._skip_batches = 0           # micro-batches of the current epoch already done (resume)
         self._prepared: dict[int, Any] = {}
         self._stream_iters: dict[int, Any] = {}
         self._stream_base: dict[int, int] = {}
         self._difficulty = None
         self._timer = None
-        self.monitor = None  # the TrainingMonitor of the current fit, if any (hooks write events to it)
-        self._epoch_terms: dict[str, float] = {}
+        self._owned_monitor = None
 
-    # ------------------------------------------------------------------ small helpers
+    # ------------------------------------------------------------------ the seed's attributes
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
@@ -165,6 +367,63 @@ class BaseTrainer:
     @property
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch being trained (0-based; the seed's name for ``epoch``)."""
+        return self.epoch
+
+    @property
+    def gradient_clip_val(self) -> float:
+        return self.settings.gradient_clip_val
+
+    @gradient_clip_val.setter
+    def gradient_clip_val(self, value: float) -> None:
+        self.settings = self.settings.updated(gradient_clip_val=value)
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.settings.accumulate_grad_batches
+
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, value: int) -> None:
+        self.settings = self.settings.updated(accumulate_grad_batches=value)
+
+    @property
+    def fit_kwargs(self) -> dict:
+        """The settings' fit arguments as a dict (``train(loader, **trainer.fit_kwargs)`` changes nothing)."""
+        keys = ("epochs", "steps_per_epoch", "accumulate_grad_batches", "gradient_clip_val", "validate_every",
+                "early_stopping_patience", "log_every", "save_dir", "save_every")
+        return {k: getattr(self.settings, k) for k in keys}
+
+    def get_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Set the (base) learning rate; a running schedule keeps shaping it."""
+        if self.lr_schedule is not None:
+            self.lr_schedule.set_base_lr(lr)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(lr)
+
+    # ------------------------------------------------------------------ hooks
+    def add_hook(self, hook: Hook) -> Hook:
+        """Register a hook; its ``on_*`` methods must be events of ``hooks.EVENTS`` (one-line error if not).
+
+        Its state is saved in checkpoints under ``hook.name`` (default: the class name, ``#2``, ``#3``
+        for further hooks of the same name), so a resume with the hooks in another order finds it.
+        """
+        check_hook(hook)
+        base = getattr(hook, "name", None) or type(hook).__name__
+        taken = {h.state_key for h in self.hooks}
+        key, n = base, 1
+        while key in taken:
+            n += 1
+            key = f"{base}#{n}"
+        hook.state_key = key
+        self.hooks.append(hook)
+        return hook
 
     def _fire(self, event: str, *args):
         for hook in self.hooks:
@@ -178,46 +437,332 @@ class BaseTrainer:
     def _timed(self, name: str):
         return self._timer(name) if self._timer is not None else contextlib.nullcontext()
 
-    def _waiting_for_data(self, batches):
-        """Yield the batches, timing each wait for the next one as the monitor's 'data' phase."""
-        iterator = iter(batches)
-        while True:
+    # ------------------------------------------------------------------ decisions (flags from hooks, agreed here)
+    def request_stop(self, reason: str, immediate: bool = False, exit_code: int | None = None) -> None:
+        """Ask the loop to stop at the end of this epoch, or after this update when ``immediate``.
+
+        With ``exit_code`` the fit raises ``SystemExit(exit_code)`` once the checkpoint is written
+        (pre-emption). One process may ask alone: the trainer agrees with the others before acting.
+        """
+        old = self._pending_stop
+        self._pending_stop = (reason if old is None else old[0], immediate or (old is not None and old[1]),
+                              exit_code if old is None or old[2] is None else max(old[2], exit_code or 0))
+        if self.accelerator.num_processes == 1:
+            self._agree_stop()
+
+    def veto_update(self, flag: bool | torch.Tensor, on_veto: Callable | None = None) -> None:
+        """Vote to drop this optimizer update (e.g. a non-finite loss); ``flag`` may stay on the device.
+
+        Votes are read once, when the update closes (one host sync per update, none per micro-batch);
+        if any process voted yes, every process drops the update and calls ``on_veto(trainer)``. Call it
+        on every process for the same micro-batches (with False when all is well).
+        """
+        flag = torch.as_tensor(flag, device=self.device).reshape(())
+        self._veto = flag if self._veto is None else self._veto | flag
+        if on_veto is not None and on_veto not in self._veto_callbacks:
+            self._veto_callbacks.append(on_veto)
+
+    def _agree_skip(self) -> bool:
+        """Whether every process drops the update now closing (reads the votes; one all-reduce)."""
+        if self._veto is None and not self.skip_update:
+            return False
+        vote = (self._veto.float() if self._veto is not None else torch.zeros((), device=self.device)) \
+            + float(self.skip_update)
+        if self.accelerator.num_processes > 1:
+            vote = self.accelerator.reduce(vote, reduction="sum")
+        skip = bool(vote > 0)
+        callbacks, self._veto, self._veto_callbacks, self.skip_update = self._veto_callbacks, None, [], False
+        if skip:
+            self._dropped = True
+            for callback in callbacks:
+                callback(self)
+            self._agree_stop()  # every process is here together: settle a stop a callback asked for
+        return skip
+
+    def _agree_stop(self) -> None:
+        """Turn stop requests into one decision for all processes (no collective with one process)."""
+        reason, now, code = self._pending_stop or ("", False, None)
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([self._pending_stop is not None, now, -1 if code is None else code],
+                                 dtype=torch.float64, device=self.device)
+            flags = self.accelerator.reduce(flags, reduction="max")
+            asked, now, code = bool(flags[0]), bool(flags[1]), int(flags[2])
+            code = None if code < 0 else code
+            reason = reason or "a stop requested on another process"
+        else:
+            asked = self._pending_stop is not None
+        self._pending_stop = None
+        if asked:
+            if not self.should_stop:
+                logger.warning("stopping: %s", reason)
+                self.should_stop, self.stop_reason = True, reason
+            self._stop_now = self._stop_now or now
+            self.exit_code = code if code is not None else self.exit_code
+
+    # ------------------------------------------------------------------ extension points (the seed's API)
+    def autocast(self, enabled: bool = True):
+        """The Accelerator's autocast context (the run's mixed precision); a no-op when ``enabled`` is False."""
+        return self.accelerator.autocast() if enabled else contextlib.nullcontext()
+
+    def compute_loss(self, batch: dict) -> dict:
+        """Forward ``batch['frames']`` and return the loss terms (``'loss'`` = total), after the on_loss hooks."""
+        with self._timed("forward"):
+            outputs = self.model(batch["frames"])
+            losses = self.loss_fn(outputs, batch)
+        return self._chain("on_loss", losses, outputs, batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``accelerator.backward`` (AMP scaling, 1/accumulation, DDP), then the on_after_backward event."""
+        with self._timed("backward"):
+            self.accelerator.backward(loss)
+        self._fire("on_after_backward")
+
+    def clip_gradients(self):
+        """Clip the global gradient norm to ``gradient_clip_val`` at the end of an accumulation group."""
+        if self.gradient_clip_val > 0 and self.accelerator.sync_gradients:
+            self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.gradient_clip_val)
+        return self.grad_norm
+
+    def optimizer_step(self) -> bool:
+        """Close an accumulation group: agree on vetoes, clip, step, zero the gradients; False if no update."""
+        if not self.accelerator.sync_gradients:
+            return False
+        if self._agree_skip():
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        with self._timed("optimizer"):
+            self.clip_gradients()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def train_step(self, batch: dict):
+        """One micro-batch on the device: loss terms, backward and, at the end of a group, the update.
+
+        Override it to change what a step does (the seed's MixedPrecisionTrainer, DistillationTrainer);
+        return the loss tensor or a dict of terms (floats work too, at the price of a host sync). The
+        loop around it owns accumulation (``accelerator.accumulate``), the lr schedule, the update
+        counter, hooks and checkpoints.
+        """
+        losses = self.compute_loss(batch)
+        self.backward(losses["loss"])
+        self.optimizer_step()
+        return losses
+
+    def epoch_batches(self, loader) -> Iterable[dict]:
+        """This epoch's micro-batches of ``loader``, on the device, with ``self.batch_idx`` kept current."""
+        batches = iter(self._epoch_source(loader))
+        stream = _is_stream(loader)
+        for i in itertools.count(self._skip_batches):
             with self._timed("data"):
-                batch = next(iterator, None)
+                batch = next(batches, None)
             if batch is None:
                 return
-            yield batch
+            self.batch_idx = i
+            if stream:
+                self.stream_samples += int(batch["frames"].shape[0])
+            yield self.to_device(batch)
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
+        """The batch's tensors on the training device (asynchronous copies where possible)."""
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def get_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+    # ------------------------------------------------------------------ the loop
+    def train(self, train_loader, val_loader=None, epochs: int | None = None, *, monitor=None, **settings) -> dict:
+        """Train and return the history.
 
-    def set_lr(self, lr: float) -> None:
-        """Set the (base) learning rate; a running schedule keeps shaping it."""
-        if self.lr_schedule is not None:
-            self.lr_schedule.set_base_lr(lr)
+        ``settings`` override the trainer's ``TrainerSettings`` for this fit (``epochs``, ``save_dir``,
+        ``save_every``, ``validate_every``, ``early_stopping_patience``, ``gradient_clip_val``,
+        ``accumulate_grad_batches``, ``log_every``, ``steps_per_epoch``, ``resume``, ...). History keys:
+        train_loss, val_loss, val_metrics (lists per epoch), lr, best_val_loss, best_epoch, total_time (s),
+        global_step, stopped_early, stop_reason.
+        """
+        start = time.time()
+        s = self._begin_fit(train_loader, val_loader, monitor, **({"epochs": epochs} if epochs else {}), **settings)
+        try:
+            self._fire("on_fit_start")
+            for epoch in range(self.epoch, s.epochs):
+                self.epoch = epoch
+                self._fire("on_epoch_start", epoch)
+                train_loss = self.train_epoch(train_loader)
+                if self._stop_now:  # leave mid-epoch: save the position (the resumed run continues there)
+                    self.save_checkpoint(epoch_complete=False)
+                    break
+                logs = {"epoch": epoch, "train_loss": train_loss,
+                        **{f"train_{k}": v for k, v in self.epoch_terms.items() if k != "loss"}}
+                last = epoch == s.epochs - 1
+                if val_loader is not None and ((epoch + 1) % s.validate_every == 0 or last):
+                    logs.update(self.validate(val_loader, val_steps=s.val_steps))
+                self._record(logs)
+                self._fire("on_epoch_end", epoch, logs)
+                self._agree_stop()
+                if (epoch + 1) % s.save_every == 0 or last or self.should_stop:
+                    self.save_checkpoint(metrics=logs, epoch_complete=True)
+                if self.should_stop:
+                    break
+            self.history.update(total_time=time.time() - start, global_step=self.global_step,
+                                stopped_early=self.should_stop, stop_reason=self.stop_reason)
+            self._fire("on_fit_end", self.history)
+        finally:
+            self._end_fit()
+        if self.exit_code is not None:  # pre-emption: the checkpoint is written, leave without exporting
+            self.accelerator.wait_for_everyone()
+            logger.warning("exiting with code %d after the checkpoint", self.exit_code)
+            raise SystemExit(self.exit_code)
+        if s.export_dir is not None or (s.save_dir is not None and self.simulation_config is not None):
+            self.export(s.export_dir or Path(s.save_dir) / "export")
+        return self.history
+
+    def train_epoch(self, loader) -> float:
+        """One epoch of micro-batches through ``train_step``; returns the mean training loss (all processes)."""
+        standalone = not self._fitting  # the seed's own loops call train_epoch once per epoch
+        if standalone and not self._set_up:
+            self._begin_fit(loader, None, None, standalone=True)
+            self._fitting = False
+        self.model.train()
+        self.accelerator.step = 0  # the accumulation counter starts each epoch at a group boundary
+        sums, count, group, group_n, opened = {}, 0, {}, 0, False
+        for batch in self.epoch_batches(loader):
+            if not opened:
+                self._stepped = self._dropped = False
+                self._fire("on_step_start")
+                opened = True
+            batch = self._chain("on_batch", batch)
+            if self.batch_idx == self.batches_per_epoch - 1:  # the epoch's last micro-batch closes its group
+                self.accelerator.step = self.accelerator.gradient_accumulation_steps - 1
+            with self.accelerator.accumulate(self.model):
+                terms = _as_terms(self.train_step(batch))
+            group, group_n = _add_terms(group, terms), group_n + 1
+            if self.accelerator.sync_gradients:
+                if self._end_update(terms):  # a dropped (e.g. NaN) update stays out of the epoch means
+                    sums, count = _add_terms(sums, group), count + group_n
+                group, group_n, opened = {}, 0, False
+            if self._stop_now:
+                break
+        if self._stop_now and self.batch_idx >= self.batches_per_epoch - 1:
+            self._stop_now = False  # asked at the epoch's last update: the epoch is complete, stop after it
+        self._skip_batches = 0
+        if standalone:
+            self.epoch += 1
+        self.epoch_terms = self._mean_across_processes(sums, count)
+        return self.epoch_terms.get("loss", float("nan"))
+
+    def _end_update(self, terms: dict) -> bool:
+        """After a group's last micro-batch: count the update, step the lr schedule, hooks, checkpoints."""
+        dropped = self._agree_skip() or self._dropped  # (reads votes an override's own step did not)
+        stepped = not dropped and (self._stepped or self.accelerator.optimizer_step_was_skipped)
+        self._stepped, self._dropped = False, False
+        if not stepped:
+            return False
+        if self.lr_schedule is not None and not self.accelerator.optimizer_step_was_skipped:
+            self.lr_schedule.step()
+        self.global_step += 1
+        self._fire("on_step_end", terms)
+        if self.accelerator.num_processes == 1 or self.global_step % self.settings.sync_every == 0:
+            self._agree_stop()
+        n = self.settings.save_every_n_steps
+        if n and self.global_step % n == 0 and not self._stop_now:
+            self.save_checkpoint(epoch_complete=False)
+        return True
+
+    @torch.no_grad()
+    def validate(self, loader, val_steps: int | None = None) -> dict:
+        """Validation loss (+ its terms) and, with a postprocessor, the challenge metrics.
+
+        Each process evaluates every ``num_processes``-th batch with the unwrapped model (no DDP
+        collectives in eval), then sums and tables are combined, so every process returns the same
+        metrics. Metrics: val_loss, val_<term>, and from ``decode_accel.evaluation.evaluate``: jaccard,
+        rmse_lat (nm), efficiency_lat, n_gt, tp, ... ; frames are numbered by validation sample.
+        """
+        model = self.unwrapped_model
+        was_training = model.training
+        model.eval()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        sums, n_samples, offset, gt_tables, pred_tables = {}, 0, 0, [], []
+        for i, batch in enumerate(loader if val_steps is None else itertools.islice(loader, val_steps)):
+            size = int(batch["frames"].shape[0])
+            if i % world == rank:
+                batch = self.to_device(batch)
+                outputs = {k: v.float() for k, v in model(batch["frames"]).items()}
+                sums = _add_terms(sums, self.loss_fn(outputs, batch), weight=size)
+                n_samples += size
+                if self.postprocessor is not None:
+                    pred_tables.append(self._postprocess(outputs, offset))
+                    gt_tables.append(batch_to_table(batch, offset, self._px_size()))
+            offset += size
+        model.train(was_training)
+        metrics = {("val_loss" if k == "loss" else f"val_{k}"): v
+                   for k, v in self._mean_across_processes(sums, n_samples).items()}
+        if self.postprocessor is not None:
+            metrics.update(self._table_metrics(gt_tables, pred_tables))
+        self._fire("on_eval_end", metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ set-up
+    def _begin_fit(self, train_loader, val_loader, monitor, standalone: bool = False, **overrides) -> TrainerSettings:
+        s = self.settings = self.settings.updated(**overrides)
+        self._fitting = self._set_up = True
+        self.should_stop, self.stop_reason, self._stop_now, self.exit_code = False, None, False, None
+        self.accelerator.gradient_accumulation_steps = s.accumulate_grad_batches
+        self.batch_size = int(getattr(train_loader, "batch_size", None) or 1)
+        if _is_stream(train_loader):
+            if s.steps_per_epoch is None:
+                raise DecodeAccelError("an endless simulated stream needs steps_per_epoch", field="steps_per_epoch",
+                                       fix="pass train(steps_per_epoch=N) or set data.steps_per_epoch")
+            n_batches = s.steps_per_epoch
         else:
-            for group in self.optimizer.param_groups:
-                group["lr"] = float(lr)
+            prepared = self._loader_for(train_loader)
+            n_batches = min(len(prepared), s.steps_per_epoch or len(prepared))
+        self.batches_per_epoch = n_batches
+        self.updates_per_epoch = math.ceil(n_batches / s.accumulate_grad_batches)
+        if self.scheduler_config:
+            sched = {k: v for k, v in self.scheduler_config.items()
+                     if not (self.scheduler_config.get("type") == "ReduceLROnPlateau"
+                             and k in ReduceLROnPlateauHook.OPTIONS)}
+            self.lr_schedule = build_lr_scheduler(getattr(self.optimizer, "optimizer", self.optimizer), sched,
+                                                  updates_per_epoch=self.updates_per_epoch,
+                                                  total_updates=self.updates_per_epoch * s.epochs)
+        if s.early_stopping_patience and not any(isinstance(h, EarlyStopping) for h in self.hooks):
+            self.add_hook(EarlyStopping(s.early_stopping_patience, monitor=s.monitor_metric, mode=s.mode))
+        if monitor is None and not hasattr(self._monitor_source, "log_batch_metrics"):
+            # a factory: this fit's own monitor, closed when the fit ends
+            if callable(self._monitor_source) and not standalone:
+                monitor = self._owned_monitor = self._monitor_source(self.accelerator.is_main_process)
+        elif monitor is None:
+            monitor = self._monitor_source
+        self.hooks = [h for h in self.hooks if not isinstance(h, MonitorHook)]
+        self.add_hook(MonitorHook(monitor, log_every=s.log_every, plot_every=s.plot_every, plot_loader=val_loader))
+        self.monitor, self._timer = monitor, getattr(monitor, "timer", None)
+        self.checkpoint_manager = None
+        if s.save_dir is not None:
+            from decode_accel.training.checkpoint import CheckpointManager
+            self.checkpoint_manager = CheckpointManager(s.save_dir, save_top_k=s.save_top_k,
+                                                        monitor_metric=s.monitor_metric, mode=s.mode,
+                                                        save_every_n_epochs=1, save_last=True)
+            if s.resume and self.checkpoint_manager.has_checkpoint():
+                self._restore(self.checkpoint_manager.load_last_checkpoint(rank=self.accelerator.process_index))
+        elif s.resume:
+            raise DecodeAccelError("resume=True needs save_dir", field="resume", fix="pass the checkpoint folder as save_dir")
+        return s
 
-    def request_stop(self, reason: str, immediate: bool = False) -> None:
-        """Leave the loop at the end of this epoch, or after this micro-batch when ``immediate``.
+    def _end_fit(self) -> None:
+        self._fitting = False
+        if self._owned_monitor is not None:
+            self._owned_monitor.close()
+            self._owned_monitor = None
 
-        Call it with the same decision on every process (hooks synchronise their verdicts)."""
-        if not self.should_stop:
-            logger.warning("stopping: %s", reason)
-            self.should_stop, self.stop_reason = True, reason
-        self._stop_now = self._stop_now or immediate
+    def _loader_for(self, loader):
+        """The loader as the loop iterates it: prepared by the Accelerator unless it shards itself."""
+        if _is_stream(loader) or _is_sharded(loader):
+            return loader
+        key = id(loader)
+        if key not in self._prepared:
+            self._prepared[key] = self.accelerator.prepare(loader)
+        return self._prepared[key]
 
-    def set_difficulty_schedule(self, schedule: list[dict]) -> None:
-        """Install a curriculum difficulty schedule on the training stream (applied when it is iterated)."""
-        self._difficulty = schedule
-
-    # ------------------------------------------------------------------ data
-    def _epoch_batches(self, loader):
-        """(iterable of this epoch's micro-batches, their number) for ``loader`` at ``self.epoch``."""
+    def _epoch_source(self, loader):
+        """The iterable of this epoch's remaining micro-batches (resume skips those already done)."""
+        n = self.batches_per_epoch - self._skip_batches
         if _is_stream(loader):
             key = id(loader)
             if key not in self._stream_iters:  # one iterator for the whole fit: workers and position persist
@@ -234,219 +779,28 @@ class BaseTrainer:
                     base = self._stream_base.setdefault(key, int(ds.start_index))
                     ds.start_index = base + self.stream_samples * self.accelerator.num_processes
                 self._stream_iters[key] = iter(loader)
-            n = self.steps_per_epoch
-            if n is None:
-                raise DecodeAccelError("an endless simulated stream needs steps_per_epoch", field="steps_per_epoch",
-                                       fix="pass train(steps_per_epoch=N) or set data.steps_per_epoch")
-            return itertools.islice(self._stream_iters[key], n - self._skip_batches), n
-        key = id(loader)
-        if key not in self._prepared:
-            self._prepared[key] = self.accelerator.prepare(loader)
-        prepared = self._prepared[key]
-        n = min(len(prepared), self.steps_per_epoch or len(prepared))
-        active = self.accelerator.skip_first_batches(prepared, self._skip_batches) if self._skip_batches else prepared
-        if hasattr(active, "set_epoch"):
-            active.set_epoch(self.epoch)
-        return itertools.islice(active, n - self._skip_batches), n
+            return itertools.islice(self._stream_iters[key], n)
+        prepared = self._loader_for(loader)
+        target = getattr(prepared, "sampler", None) if _is_sharded(prepared) else prepared
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(self.epoch)
+        if self._skip_batches:
+            prepared = (itertools.islice(prepared, self._skip_batches, None) if _is_sharded(prepared)
+                        else self.accelerator.skip_first_batches(prepared, self._skip_batches))
+        return itertools.islice(prepared, n)
 
-    # ------------------------------------------------------------------ the loop
-    def train(self, train_loader, val_loader=None, epochs: int = 1, save_dir: str | os.PathLike | None = None,
-              save_every: int = 1, validate_every: int = 1, early_stopping_patience: int | None = None,
-              gradient_clip_val: float = 0.0, accumulate_grad_batches: int = 1, log_every: int = 50,
-              steps_per_epoch: int | None = None, resume: bool = False, monitor=None,
-              save_every_n_steps: int | None = None, val_steps: int | None = None,
-              export_dir: str | os.PathLike | None = None) -> dict:
-        """Train for ``epochs`` epochs and return the history.
+    def set_difficulty_schedule(self, schedule: list[dict]) -> None:
+        """Install a curriculum difficulty schedule on the training stream (applied when it is iterated)."""
+        self._difficulty = schedule
 
-        ``steps_per_epoch`` counts micro-batches (required for an endless simulated stream);
-        ``accumulate_grad_batches`` micro-batches make one optimizer update; ``save_every`` (epochs) and
-        ``save_every_n_steps`` (updates) write checkpoints under ``save_dir``; ``resume=True`` continues
-        from the last complete checkpoint there. History keys: train_loss, val_loss, val_metrics (lists
-        per epoch), lr, best_val_loss, best_epoch, total_time (s), global_step, stopped_early, stop_reason.
-        """
-        start = time.time()
-        self._setup_fit(train_loader, epochs, save_dir, save_every, early_stopping_patience, gradient_clip_val,
-                        accumulate_grad_batches, log_every, steps_per_epoch, resume, monitor, save_every_n_steps,
-                        val_loader)
-        self._fire("on_fit_start")
-        for epoch in range(self.epoch, epochs):
-            self.epoch = epoch
-            self._fire("on_epoch_start", epoch)
-            logs = {"epoch": epoch, "train_loss": self.train_epoch(train_loader)}
-            logs.update({f"train_{k}": v for k, v in self._epoch_terms.items() if k != "loss"})
-            if val_loader is not None and ((epoch + 1) % validate_every == 0 or epoch == epochs - 1):
-                logs.update(self.validate(val_loader, val_steps=val_steps))
-            self._record(logs)
-            self._fire("on_epoch_end", epoch, logs)
-            if save_dir is not None and ((epoch + 1) % save_every == 0 or epoch == epochs - 1 or self.should_stop):
-                self.save_checkpoint(metrics=logs, epoch_complete=not self._stop_now)
-            if self.should_stop:
-                break
-        self.history.update(total_time=time.time() - start, global_step=self.global_step,
-                            stopped_early=self.should_stop, stop_reason=self.stop_reason)
-        self._fire("on_fit_end", self.history)
-        self._fitting = False
-        if export_dir is not None or (save_dir is not None and self.simulation_config is not None):
-            self.export(export_dir or Path(save_dir) / "export")
-        return self.history
-
-    def train_epoch(self, loader) -> float:
-        """One epoch of micro-batches; returns the mean training loss over all processes."""
-        standalone = not self._fitting  # the seed's own loop calls train_epoch once per epoch
-        if standalone and not self._setup_done:
-            self._setup_fit(loader, 1, None, 1, None, self.gradient_clip_val, self.accumulate_grad_batches, 50,
-                            self.steps_per_epoch, False, None, None)
-            self._fitting = False
-        batches, n = self._epoch_batches(loader)
-        self.model.train()
-        self.accelerator.step = 0  # the accumulation counter starts each epoch at a group boundary
-        sums: dict[str, float] = {}
-        count, group = 0, 0
-        for i, batch in enumerate(self._waiting_for_data(batches), start=self._skip_batches):
-            self.batch_idx = i
-            if group == 0:
-                self._fire("on_step_start")
-            if _is_stream(loader):
-                self.stream_samples += int(batch["frames"].shape[0])
-            batch = self._chain("on_batch", self._to_device(batch))
-            if i == n - 1:  # last micro-batch of the epoch closes its accumulation group
-                self.accelerator.step = self.accelerator.gradient_accumulation_steps - 1
-            with self.accelerator.accumulate(self.model):
-                with self._timed("forward"):
-                    outputs = self.model(batch["frames"])
-                    losses = self.loss_fn(outputs, batch)
-                losses = self._chain("on_loss", losses, outputs, batch)
-                skipped = self.skip_update
-                with self._timed("backward"):
-                    self.accelerator.backward(self._zero_loss() if self.skip_update else losses["loss"])
-                self._fire("on_after_backward")
-                group += 1
-                if self.accelerator.sync_gradients:
-                    self._update(losses)
-                    group = 0
-            if not skipped:  # a vetoed (e.g. NaN) micro-batch stays out of the epoch means
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                count += 1
-            if self._stop_now:
-                break
-        self._skip_batches = 0
-        if standalone:
-            self.epoch += 1
-        means = self._mean_across_processes(sums, count)
-        self._epoch_terms = means
-        return means.get("loss", float("nan"))
-
-    def _update(self, losses: dict) -> None:
-        """Close an accumulation group: clip, step, schedule, count, hooks, step checkpoints."""
-        if self.skip_update:  # a hook vetoed this update (e.g. DivergenceGuard)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skip_update = False
-            return
-        with self._timed("optimizer"):
-            if self.gradient_clip_val and self.gradient_clip_val > 0:
-                self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.gradient_clip_val)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_schedule is not None and not self.accelerator.optimizer_step_was_skipped:
-            self.lr_schedule.step()
-        self.global_step += 1
-        self._fire("on_step_end", losses)
-        if self.save_every_n_steps and self.global_step % self.save_every_n_steps == 0 and self.checkpoint_manager:
-            self.save_checkpoint(metrics=None, epoch_complete=False)
-
-    @torch.no_grad()
-    def validate(self, loader, val_steps: int | None = None) -> dict:
-        """Validation loss (+ its terms) and, with a postprocessor, the challenge metrics.
-
-        Each process evaluates every ``num_processes``-th batch with the unwrapped model (no DDP
-        collectives in eval), then sums and tables are combined, so every process returns the same
-        metrics. Metrics: val_loss, val_<term>, and from ``decode_accel.evaluation.evaluate``: jaccard,
-        rmse_lat (nm), efficiency_lat, ... ; frames are numbered by validation sample.
-        """
-        model = self.unwrapped_model
-        was_training = model.training
-        model.eval()
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        sums: dict[str, float] = {}
-        n_samples, offset = 0, 0
-        gt_tables, pred_tables = [], []
-        batches = loader if val_steps is None else itertools.islice(loader, val_steps)
-        for i, batch in enumerate(batches):
-            size = int(batch["frames"].shape[0])
-            if i % world == rank:
-                batch = self._to_device(batch)
-                outputs = {k: v.float() for k, v in model(batch["frames"]).items()}
-                losses = self.loss_fn(outputs, batch)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * size
-                n_samples += size
-                if self.postprocessor is not None:
-                    pred_tables.append(self._postprocess(outputs, offset))
-                    gt_tables.append(batch_to_table(batch, offset, self._px_size()))
-            offset += size
-        model.train(was_training)
-        totals = self._sum_across_processes({**sums, "__n": float(n_samples)})
-        n = max(totals.pop("__n"), 1.0)
-        metrics = {("val_loss" if k == "loss" else f"val_{k}"): v / n for k, v in totals.items()}
-        if self.postprocessor is not None:
-            metrics.update(self._table_metrics(gt_tables, pred_tables))
-        self._fire("on_eval_end", metrics)
-        return metrics
-
-    # ------------------------------------------------------------------ set-up, metrics, bookkeeping
-    _fitting = False
-    _setup_done = False
-
-    def _setup_fit(self, train_loader, epochs, save_dir, save_every, patience, clip, accumulate, log_every,
-                   steps_per_epoch, resume, monitor, save_every_n_steps, val_loader=None):
-        if accumulate < 1:
-            raise DecodeAccelError(f"accumulate_grad_batches must be >= 1, got {accumulate}",
-                                   field="accumulate_grad_batches", fix="use 1 for no accumulation")
-        self._fitting = self._setup_done = True
-        self.should_stop, self.stop_reason, self._stop_now = False, None, False
-        self.gradient_clip_val, self.accumulate_grad_batches = float(clip or 0.0), int(accumulate)
-        self.accelerator.gradient_accumulation_steps = self.accumulate_grad_batches
-        self.steps_per_epoch, self.save_every_n_steps = steps_per_epoch, save_every_n_steps
-        self.batch_size = int(getattr(train_loader, "batch_size", None) or 1)
-        if _is_stream(train_loader):
-            n_batches = steps_per_epoch or 1
-        else:
-            prepared = self._prepared.setdefault(id(train_loader), self.accelerator.prepare(train_loader))
-            n_batches = min(len(prepared), steps_per_epoch or len(prepared))
-        self.batches_per_epoch = n_batches
-        self.updates_per_epoch = math.ceil(n_batches / self.accumulate_grad_batches)
-        if self.scheduler_config:
-            sched = {k: v for k, v in self.scheduler_config.items()
-                     if not (self.scheduler_config.get("type") == "ReduceLROnPlateau"
-                             and k in ("mode", "factor", "patience", "min_lr", "threshold", "cooldown"))}
-            self.lr_schedule = build_lr_scheduler(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
-                                                  else self.optimizer, sched,
-                                                  updates_per_epoch=self.updates_per_epoch,
-                                                  total_updates=self.updates_per_epoch * epochs)
-        if patience and not any(isinstance(h, EarlyStopping) for h in self.hooks):
-            self.hooks.append(EarlyStopping(patience, monitor=self.monitor_metric, mode=self.mode))
-        if monitor is not None or not any(isinstance(h, MonitorHook) for h in self.hooks):
-            self.hooks = [h for h in self.hooks if not isinstance(h, MonitorHook)]
-            self.hooks.append(MonitorHook(monitor, log_every=log_every, plot_every=self.plot_every,
-                                          plot_loader=val_loader))
-        self.monitor = monitor
-        self._timer = getattr(monitor, "timer", None)
-        if save_dir is not None:
-            from decode_accel.training.checkpoint import CheckpointManager
-            self.checkpoint_manager = CheckpointManager(save_dir, save_top_k=self.save_top_k,
-                                                        monitor_metric=self.monitor_metric, mode=self.mode,
-                                                        save_every_n_epochs=1, save_last=True)
-            if resume and self.checkpoint_manager.has_checkpoint():
-                self._restore(self.checkpoint_manager.load_last_checkpoint(rank=self.accelerator.process_index))
-        elif resume:
-            raise DecodeAccelError("resume=True needs save_dir", field="resume", fix="pass the checkpoint folder as save_dir")
-
+    # ------------------------------------------------------------------ metrics and bookkeeping
     def _px_size(self) -> float:
-        if self.px_size_nm is None:
+        px = self.settings.px_size_nm if self.settings.px_size_nm is not None else getattr(self.postprocessor,
+                                                                                           "px_size_nm", None)
+        if px is None:
             raise DecodeAccelError("validation metrics need the pixel size", field="px_size_nm",
                                    fix="pass px_size_nm to the trainer or the PostProcessor")
-        return float(self.px_size_nm)
+        return float(px)
 
     def _postprocess(self, outputs: dict, frame_offset: int):
         try:
@@ -474,24 +828,15 @@ class BaseTrainer:
     def _evaluate_kwargs(self) -> dict:
         return {}
 
-    def _sum_across_processes(self, values: dict[str, float]) -> dict[str, float]:
-        if self.accelerator.num_processes == 1 or not values:
-            return dict(values)
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        t = self.accelerator.reduce(t, reduction="sum")
-        return dict(zip(keys, t.tolist()))
-
-    def _mean_across_processes(self, sums: dict[str, float], count: int) -> dict[str, float]:
-        totals = self._sum_across_processes({**sums, "__n": float(count)})
-        n = max(totals.pop("__n"), 1.0)
-        return {k: v / n for k, v in totals.items()}
-
-    def _zero_loss(self) -> torch.Tensor:
-        # a finite zero that touches every parameter: the skipped update still runs DDP's all-reduce
-        # on every process, so no process waits for a collective the others never start
-        return sum((p.reshape(-1)[0] * 0.0 for p in self.model.parameters() if p.requires_grad),
-                   torch.zeros((), device=self.device))
+    def _mean_across_processes(self, sums: dict, count: float) -> dict[str, float]:
+        """Means of device-side sums over every process, read with one host sync."""
+        keys = sorted(sums)
+        values = torch.stack([sums[k].to(self.device) for k in keys] + [torch.tensor(float(count), device=self.device)])
+        values = values.double()
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        *totals, n = values.tolist()
+        return {k: v / max(n, 1.0) for k, v in zip(keys, totals)}
 
     def _record(self, logs: dict) -> None:
         h = self.history
@@ -507,17 +852,17 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self, epoch_complete: bool) -> dict:
-        """JSON-able loop state: position, hook states and history."""
+        """JSON-able loop state: position, hook states (by the hooks' stable names) and history."""
         return {
             "epoch": self.epoch, "global_step": self.global_step, "epoch_complete": bool(epoch_complete),
             "batches_done": 0 if epoch_complete else self.batch_idx + 1,
             "stream_samples": self.stream_samples,
-            "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(self.hooks)},
+            "hooks": {h.state_key: h.state_dict() for h in self.hooks},
             "history": self.history,
         }
 
     def save_checkpoint(self, metrics: dict | None = None, epoch_complete: bool = True):
-        """Write a checkpoint through the CheckpointManager (all processes wait for it)."""
+        """Write a checkpoint through the CheckpointManager (all processes wait for it); None without one."""
         if self.checkpoint_manager is None:
             return None
         self.accelerator.wait_for_everyone()
@@ -527,6 +872,7 @@ class BaseTrainer:
             config=_config_dict(self.config), step=self.global_step,
             trainer_state=self.trainer_state(epoch_complete), accelerator=self.accelerator)
         self.accelerator.wait_for_everyone()
+        self.last_checkpoint = path if path is not None else self.last_checkpoint
         return path
 
     def _restore(self, ckpt: dict) -> None:
@@ -541,11 +887,12 @@ class BaseTrainer:
         self.stream_samples = int(state.get("stream_samples", 0))
         if state.get("history"):
             self.history.update(state["history"])
-        hook_states = state.get("hooks") or {}
-        for i, h in enumerate(self.hooks):
-            key = f"{i}:{type(h).__name__}"
-            if key in hook_states:
-                h.load_state_dict(hook_states[key])
+        saved = _hook_states(state.get("hooks") or {})
+        for h in self.hooks:
+            if h.state_key in saved:
+                h.load_state_dict(saved.pop(h.state_key))
+        if any(saved.values()):
+            logger.warning("the checkpoint holds state of hooks this trainer does not have: %s", ", ".join(saved))
         logger.info("resumed at epoch %d, update %d (%d micro-batches into the epoch)", self.epoch,
                     self.global_step, self._skip_batches)
 
@@ -561,6 +908,8 @@ class BaseTrainer:
 
     def export(self, out_dir: str | os.PathLike):
         """Write the self-contained export folder (weights + metadata + model card) on the main process."""
+        from decode_accel.hub import export_model  # here, not at the top: decode_accel.hub imports this module
+
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
@@ -568,22 +917,15 @@ class BaseTrainer:
                 raise DecodeAccelError("the export folder needs the simulation config", field="simulation_config",
                                        fix="pass simulation_config to the trainer (from_config does)")
             last = self.history["val_metrics"][-1] if self.history["val_metrics"] else None
-            try:
-                from decode_accel.hub import export_model
-            except ImportError:  # hub not installed in this build: weights + config.json only
-                logger.warning("decode_accel.hub is missing: writing only save_pretrained() to %s", out_dir)
-                self.unwrapped_model.save_pretrained(out_dir)
-                path = Path(out_dir)
-            else:
-                path = export_model(out_dir, self.unwrapped_model, simulation_config=self.simulation_config,
-                                    metrics=last, training_config=self.config)
+            path = export_model(out_dir, self.unwrapped_model, simulation_config=self.simulation_config,
+                                metrics=last, training_config=self.config)
         self.accelerator.wait_for_everyone()
         return path
 
     # ------------------------------------------------------------------ construction from a config
     @classmethod
     def from_config(cls, config, **overrides) -> "BaseTrainer":
-        """Build model, loss, trainer and hooks from a ``TrainingConfig`` (see ``builders.build_trainer``)."""
+        """Build model, loss, trainer, hooks and the monitor from a ``TrainingConfig`` (``builders.build_trainer``)."""
         from decode_accel.training.builders import build_trainer
         return build_trainer(config, trainer_cls=cls, **overrides)
 
@@ -593,7 +935,7 @@ class MultiChannelTrainer(BaseTrainer):
 
     The loop is ``BaseTrainer``'s; the loss terms (ch1, ch2, ratio, conservation, uncertainty, bg) are
     logged by name, and ``validate`` adds ratio metrics: with a dye table (``dye_table``: list of
-    ``{ratio_mean, ratio_sd, probability}``) the evaluation reports the colour crosstalk.
+    ``{ratio, ratio_sd, prob}``; default the postprocessor's) the evaluation reports the colour crosstalk.
     """
 
     def __init__(self, *args, dye_table: list | None = None, **kwargs):
@@ -601,44 +943,87 @@ class MultiChannelTrainer(BaseTrainer):
         self.dye_table = dye_table if dye_table is not None else getattr(self.postprocessor, "dye_table", None)
 
     def _evaluate_kwargs(self) -> dict:
-        import inspect
-
-        from decode_accel.evaluation import evaluate
-        params = inspect.signature(evaluate).parameters
-        return {"dye_table": self.dye_table} if self.dye_table is not None and "dye_table" in params else {}
+        return {"dye_table": self.dye_table} if self.dye_table is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------- seed names
-class DistillationTrainer(BaseTrainer):
-    """``BaseTrainer`` with a ``DistillationHook`` (the seed's name): ``teacher_model``, ``temperature``, ``alpha``."""
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DecodeAccelError(f"{name} must be a number, got {type(value).__name__}", field=name,
+                               fix="the seed's order is (teacher_model, temperature, alpha, ...): pass model= and "
+                                   "loss_fn= by keyword")
+    return float(value)
 
-    def __init__(self, teacher_model: torch.nn.Module, *args, temperature: float = 1.0, alpha: float = 0.5,
-                 **kwargs):
-        hooks = list(kwargs.pop("hooks", ())) + [DistillationHook(teacher_model, alpha=alpha, temperature=temperature)]
+
+class DistillationTrainer(BaseTrainer):
+    """``BaseTrainer`` + ``DistillationHook``, with the seed's arguments ``(teacher_model, temperature=4.0, alpha=0.7,
+    *args, **kwargs)``: the frozen teacher's output maps guide the student through
+    ``decode_accel.loss.distillation`` (total = alpha * distillation + (1 - alpha) * ground truth; the
+    detection term is softened by ``temperature``)."""
+
+    def __init__(self, teacher_model: torch.nn.Module, temperature: float = 4.0, alpha: float = 0.7, *args, **kwargs):
+        self.teacher_model = teacher_model
+        self.temperature, self.alpha = _number("temperature", temperature), _number("alpha", alpha)
+        hooks = list(kwargs.pop("hooks", ())) + [DistillationHook(teacher_model, alpha=self.alpha,
+                                                                  temperature=self.temperature)]
         super().__init__(*args, hooks=hooks, **kwargs)
 
 
 class CurriculumTrainer(BaseTrainer):
-    """``BaseTrainer`` with a ``CurriculumHook`` (the seed's name): ``curriculum_config`` = list of stages."""
+    """``BaseTrainer`` + ``CurriculumHook``, with the seed's arguments ``(curriculum_config, *args, **kwargs)``:
+    a list of stages (``end_epoch`` / ``until_epoch`` / ``until_step``, ``learning_rate`` / ``lr``,
+    ``loss_weights``, ``simulation``, ``description``)."""
 
     def __init__(self, curriculum_config: list, *args, **kwargs):
-        hooks = list(kwargs.pop("hooks", ())) + [CurriculumHook(curriculum_config)]
-        super().__init__(*args, hooks=hooks, **kwargs)
+        self.curriculum_config = curriculum_config
+        self._curriculum = CurriculumHook(curriculum_config)
+        super().__init__(*args, hooks=list(kwargs.pop("hooks", ())) + [self._curriculum], **kwargs)
+
+    @property
+    def current_stage(self) -> int:
+        """The curriculum stage in force (-1 before the first epoch)."""
+        return self._curriculum.stage
 
 
 class AdaptiveLRTrainer(BaseTrainer):
-    """``BaseTrainer`` with a ``ReduceLROnPlateauHook`` on the validation loss (the seed's name)."""
+    """``BaseTrainer`` + ``ReduceLROnPlateauHook`` on the validation loss, with the seed's arguments
+    ``(patience=10, factor=0.5, min_lr=1e-7, *args, **kwargs)``: the learning rate is multiplied by
+    ``factor`` (not below ``min_lr``) after ``patience`` validations without improvement."""
 
-    def __init__(self, *args, patience: int = 10, factor: float = 0.5, min_lr: float = 1e-7, **kwargs):
-        hooks = list(kwargs.pop("hooks", ())) + [ReduceLROnPlateauHook(factor=factor, patience=patience,
-                                                                       min_lr=min_lr)]
-        super().__init__(*args, hooks=hooks, **kwargs)
+    def __init__(self, patience: int = 10, factor: float = 0.5, min_lr: float = 1e-7, *args, **kwargs):
+        self.patience, self.factor, self.min_lr = int(_number("patience", patience)), _number("factor", factor), \
+            _number("min_lr", min_lr)
+        self._plateau = ReduceLROnPlateauHook(factor=self.factor, patience=self.patience, min_lr=self.min_lr)
+        super().__init__(*args, hooks=list(kwargs.pop("hooks", ())) + [self._plateau], **kwargs)
+
+    def adjust_learning_rate(self, val_loss: float) -> None:
+        """The seed's method: one plateau check with ``val_loss`` (the loop already does it after each validation)."""
+        self._plateau.on_eval_end(self, {self._plateau.monitor: val_loss})
 
 
 # ---------------------------------------------------------------------------------------------- utilities
+def _hook_states(saved: dict) -> dict:
+    """Saved hook states by stable name; older checkpoints keyed them ``"<position>:<class>"``."""
+    out: dict[str, Any] = {}
+    for key, state in saved.items():
+        if ":" in key and key.split(":", 1)[0].isdigit():
+            key = key.split(":", 1)[1]
+            base, n = key, 1
+            while key in out:
+                n += 1
+                key = f"{base}#{n}"
+        out[key] = state
+    return out
+
+
 def _config_dict(config) -> dict | None:
     if config is None:
         return None
     if hasattr(config, "model_dump"):
         return config.model_dump(mode="json")
     return dict(config)
+
+
+__all__ = ["BaseTrainer", "MultiChannelTrainer", "DistillationTrainer", "CurriculumTrainer", "AdaptiveLRTrainer",
+           "TrainerSettings", "make_settings", "make_accelerator", "build_optimizer", "resolve_mixed_precision",
+           "batch_to_table", "EVENTS"]
