@@ -10,6 +10,10 @@ turns user errors into one line on stderr and a non-zero exit code (a traceback 
     decode-accel push     --model DIR --repo-id user/name [--private]
     decode-accel demo     [--out DIR]                                train -> predict -> metrics on simulated data
     decode-accel config-reference                                   print the config reference (Markdown)
+    decode-accel calibrate --input movie.tif --out sim.yaml [--px-size NM --scmos-maps calib.npz ...]
+                                                                     fit the simulation to a recorded movie
+    decode-accel postprocess --input locs.hdf5 --out out.hdf5 [--undrift rcc --link]
+                                                                     drift correction and linking (Picasso)
 """
 
 from __future__ import annotations
@@ -64,6 +68,18 @@ def _config_reference(argv: list[str]) -> int:
     return 0
 
 
+def _calibrate(argv: list[str]) -> int:
+    from decode_accel.calibration import calibrate_main
+
+    return calibrate_main(argv)
+
+
+def _postprocess(argv: list[str]) -> int:
+    from decode_accel.analysis import postprocess_main
+
+    return postprocess_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "simulate": _simulate,
     "train": _train,
@@ -72,6 +88,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "push": _push,
     "demo": _demo,
     "config-reference": _config_reference,
+    "calibrate": _calibrate,
+    "postprocess": _postprocess,
 }
 
 
