@@ -38,9 +38,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def one_thread_and_default_handlers():
-    # bitwise comparisons depend on the thread count; a failing test must not leave our handlers installed
+    """One thread (bitwise comparisons depend on the thread count) and the default dispositions of an
+    interactive Python: SIGINT raises KeyboardInterrupt, SIGTERM ends the process. A CI runner or a shell's
+    background job may start the suite with SIGINT ignored; the tests must not depend on that, and a
+    failing test must not leave its handlers installed, so the dispositions found are put back after."""
     before = torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)

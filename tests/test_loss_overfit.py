@@ -2,10 +2,12 @@
 maps then say what the frames hold (counts, positions, background, ratios).
 
 The overfitting runs use a small conv net defined here, whose output heads start near zero (every pixel
-starts with the same dx, dy, sigma), with Adam and a learning rate decaying linearly to 0: on a fixed
-batch the learned sigmas shrink until the mixture NLL is as sharp as Adam's steps, and without the decay
-the loss keeps bouncing. The real models (SigmaMUNet, DoubleMUNet 'tiny' presets) get a short check that
-the loss and its gradients are finite and that a few steps lower the loss.
+starts with the same dx, dy, sigma), with Adam and a learning rate decaying linearly to 0. Its sigmas
+have floors (0.1 px, 0.02 in ratio): on a fixed batch the learned sigmas shrink to them, and the run
+then settles wherever the emitters are all found. Without floors the NLL keeps rewarding sharper
+sigmas, the loss bounces, and the end state is a matter of the CPU's floating-point kernels. The real
+models (SigmaMUNet, DoubleMUNet 'tiny' presets) get a short check that the loss and its gradients are
+finite and that a short training halves the loss.
 """
 
 import math
@@ -22,6 +24,13 @@ from decode_accel.loss import GaussianMMLoss, RatioGaussianNLLLoss, UnifiedLoss
 SIZE = 16
 PSF_SIGMA = 1.0  # px
 BG = 10.0  # photons/px
+# Floors of the test net's sigmas (px and fractions of photons_max; ratio). They bound the mixture NLL from
+# below, so that the overfitting has one optimum (every emitter found, sigmas at the floor) that any run
+# reaches: with floors of 1e-3 the NLL rewards sharpening one axis without end, and where a run ends up
+# then depends on the CPU's floating-point kernels and the thread count.
+SIGMA_MIN = 0.1
+RATIO_SIGMA_MIN = 0.02
+STEPS = 400  # every seed tried (12 each, under AVX2, AVX, SSE4.1 kernels) sits at that optimum by then
 PHOTONS_MAX, Z_MAX, BG_MAX = 4000.0, 500.0, 20.0
 EMITTERS = [  # per frame: (x px, y px, z nm, photons, ratio); the last frame is empty on purpose
     [(4.3, 5.6, 100.0, 2000.0, 0.3), (11.7, 9.2, -200.0, 2500.0, 0.7)],
@@ -96,12 +105,12 @@ class TinyMapNet(nn.Module):
         photons = torch.sigmoid(raw[:, 1]) * PHOTONS_MAX
         out = {"p": torch.sigmoid(logits), "logits": logits, "photons": photons,
                "dx": torch.tanh(raw[:, 2]), "dy": torch.tanh(raw[:, 3]),
-               "photons_sigma": (torch.sigmoid(raw[:, 4]) * 3 + 1e-3) * PHOTONS_MAX,
-               "dx_sigma": torch.sigmoid(raw[:, 5]) * 3 + 1e-3, "dy_sigma": torch.sigmoid(raw[:, 6]) * 3 + 1e-3,
+               "photons_sigma": (torch.sigmoid(raw[:, 4]) * 3 + SIGMA_MIN) * PHOTONS_MAX,
+               "dx_sigma": torch.sigmoid(raw[:, 5]) * 3 + SIGMA_MIN, "dy_sigma": torch.sigmoid(raw[:, 6]) * 3 + SIGMA_MIN,
                "bg": torch.sigmoid(raw[:, 7:7 + channels]) * BG_MAX}
         if channels == 2:
             ratio = torch.sigmoid(raw[:, 9])
-            ratio_sigma = torch.sigmoid(raw[:, 10]) * 0.5 + 1e-3
+            ratio_sigma = torch.sigmoid(raw[:, 10]) * 0.5 + RATIO_SIGMA_MIN
             out.update(ratio=ratio, ratio_sigma=ratio_sigma, photons_ch1=ratio * photons,
                        photons_ch2=(1 - ratio) * photons,
                        photons_ch1_sigma=torch.sqrt((ratio * out["photons_sigma"]) ** 2 + (photons * ratio_sigma) ** 2),
@@ -160,7 +169,7 @@ def test_a_tiny_net_overfits_a_fixed_batch_under_the_gaussian_mixture_loss():
     torch.manual_seed(0)
     batch = make_batch(two_channel=False)
     loss_fn = GaussianMMLoss(photons_max=PHOTONS_MAX, z_max=Z_MAX, bg_max=BG_MAX, z_enabled=False)
-    history, output = train(TinyMapNet(), loss_fn, batch, steps=250, lr=2e-3)
+    history, output = train(TinyMapNet(), loss_fn, batch, steps=STEPS, lr=2e-3)
     assert history[-1] < history[0] - 0.9 * abs(history[0])
     check_maps_describe_the_frames(output, batch)
 
@@ -169,7 +178,7 @@ def test_a_tiny_two_channel_net_overfits_a_fixed_batch_under_the_unified_loss():
     torch.manual_seed(0)
     batch = make_batch(two_channel=True)
     loss_fn = UnifiedLoss(photons_max=PHOTONS_MAX, z_max=Z_MAX, bg_max=BG_MAX, z_enabled=False)
-    history, output = train(TinyMapNet(channels=2), loss_fn, batch, steps=250, lr=2e-3)
+    history, output = train(TinyMapNet(channels=2), loss_fn, batch, steps=STEPS, lr=2e-3)
     assert history[-1] < history[0] - 0.9 * abs(history[0])
     check_maps_describe_the_frames(output, batch)
     for b, emitters in enumerate(EMITTERS):  # the three dyes (r = 0.3, 0.5, 0.7) are told apart
@@ -194,5 +203,7 @@ def test_the_real_tiny_models_train_under_their_losses(two_channel):
     terms["loss"].backward()
     assert all(torch.isfinite(value) for value in terms.values())
     assert all(torch.isfinite(param.grad).all() for param in model.parameters() if param.grad is not None)
-    history, _ = train(model, loss_fn, batch, steps=15, lr=1e-3)
-    assert min(history[-5:]) < 0.7 * history[0]
+    # 60 steps: the zero-initialised output layers need ~30 updates before the loss drops; by 60 every seed
+    # tried (4 per model, AVX2 and AVX kernels) ends below 0.3 of the first loss, most below zero
+    history, _ = train(model, loss_fn, batch, steps=60, lr=1e-3)
+    assert min(history[-10:]) < 0.5 * history[0]

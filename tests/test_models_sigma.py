@@ -8,6 +8,7 @@ import torch
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.models import Scaling, SigmaMUNet
+from tests.numerics import assert_maps_close, assert_maps_differ, randomize_output_layers
 
 SCALING = Scaling(input_offset=10.0, input_scale=20.0, photons_max=2000.0, z_max=600.0, bg_max=40.0)
 
@@ -84,26 +85,27 @@ def test_logits_beyond_the_clamp_still_pass_gradient_back():
 
 def test_the_model_applies_its_input_scaling_itself():
     plain = Scaling(input_offset=0.0, input_scale=1.0, photons_max=2000.0, z_max=600.0, bg_max=40.0)
-    model, reference = tiny().eval(), SigmaMUNet.from_preset("tiny", scaling=plain).eval()
+    model, reference = randomize_output_layers(tiny()).eval(), SigmaMUNet.from_preset("tiny", scaling=plain).eval()
     reference.load_state_dict(model.state_dict())
     frames = windows()
     with torch.no_grad():
         a = model(frames)
         b = reference((frames - 10.0) / 20.0)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+        unscaled = reference(frames)
+    assert_maps_close(a, b)
+    assert_maps_differ(unscaled, b)  # the comparison would notice a model that skips its scaling
 
 
 def test_outputs_are_in_physical_units_set_by_the_scaling():
-    model = tiny().eval()
+    model = randomize_output_layers(tiny()).eval()
     doubled = SigmaMUNet.from_preset("tiny", scaling=SCALING.model_copy(
         update=dict(photons_max=4000.0, z_max=1200.0, bg_max=80.0))).eval()
     doubled.load_state_dict(model.state_dict())
     frames = windows()
     with torch.no_grad():
         a, b = model(frames), doubled(frames)
-    for key in ("photons", "photons_sigma", "z", "z_sigma", "bg"):
-        torch.testing.assert_close(b[key], 2 * a[key], rtol=1e-5, atol=1e-4)
+    scaled = ("photons", "photons_sigma", "z", "z_sigma", "bg")
+    assert_maps_close({key: b[key] for key in scaled}, {key: 2 * a[key] for key in scaled})
     for key in ("p", "dx", "dy", "dx_sigma", "dy_sigma"):
         torch.testing.assert_close(b[key], a[key])
 
@@ -123,7 +125,7 @@ def test_without_uncertainty_there_are_no_sigma_maps():
 
 
 def test_cached_frame_features_give_the_same_outputs_as_the_plain_forward():
-    model = tiny().eval()
+    model = randomize_output_layers(tiny()).eval()  # every map depends on the frames, not only p
     g = torch.Generator().manual_seed(3)
     movie = torch.poisson(torch.full((6, 1, 16, 16), 12.0), generator=g) + 300.0 * (torch.rand(6, 1, 16, 16, generator=g) > 0.98)
     stacked = torch.stack([movie[t - 1:t + 2] for t in range(1, 5)])  # (4, 3, 1, H, W): windows at t = 1..4
@@ -132,8 +134,9 @@ def test_cached_frame_features_give_the_same_outputs_as_the_plain_forward():
         features = model.encode_frames(movie)  # each frame through stage 1 once
         assert features.shape == (6, model.frame_features, 16, 16)
         cached = model.decode_windows(features[0:4], features[1:5], features[2:6])
-    for key in plain:
-        torch.testing.assert_close(cached[key], plain[key], rtol=1e-5, atol=1e-4)
+        swapped = model.decode_windows(features[2:6], features[1:5], features[0:4])  # t+1 and t-1 exchanged
+    assert_maps_close(cached, plain)
+    assert_maps_differ(swapped, plain)  # the tolerance is far below what a wrong frame order changes
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3, 18, 16), (1, 1, 3, 16, 14)])
@@ -144,9 +147,25 @@ def test_frames_whose_size_is_not_a_multiple_of_four_raise_a_clear_error(shape):
         tiny().encode_frames(torch.zeros(shape[0], 1, *shape[-2:]))
 
 
-def test_frames_without_the_channel_axis_raise_a_clear_error():
-    with pytest.raises(DecodeAccelError, match=r"\(B, 1, 3, H, W\)"):
-        tiny()(torch.zeros(2, 3, 16, 16))
+def test_a_single_channel_model_takes_decodes_four_dimensional_batch_of_three_stacked_frames():
+    model = randomize_output_layers(tiny()).eval()
+    frames = windows(batch=2)  # (B, 1, 3, H, W)
+    with torch.no_grad():
+        five_d, four_d = model(frames), model(frames[:, 0])  # (B, 3, H, W): frames t-1, t, t+1 on axis 1
+    assert set(four_d) == set(five_d)
+    for key in five_d:
+        assert torch.equal(four_d[key], five_d[key]), key
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16), (2, 2, 16, 16), (2, 16, 16), (2, 2, 3, 16, 16), (2, 1, 4, 16, 16)])
+def test_batches_of_any_other_shape_raise_an_error_that_names_both_accepted_shapes(shape):
+    with pytest.raises(DecodeAccelError, match=r"\(B, 1, 3, H, W\) or \(B, 3, H, W\).*" + str(shape[0])):
+        tiny()(torch.zeros(shape))
+
+
+def test_a_four_dimensional_batch_still_needs_a_frame_size_that_is_a_multiple_of_four():
+    with pytest.raises(DecodeAccelError, match=r"multiples of 4"):
+        tiny()(torch.zeros(2, 3, 18, 16))
 
 
 def test_out_channels_other_than_the_seeds_five_are_rejected():
@@ -178,18 +197,17 @@ def test_from_pretrained_refuses_weights_that_do_not_fit_the_config(tmp_path):
 
 
 def test_a_channels_last_model_saves_and_gives_the_same_outputs(tmp_path):
-    model = tiny().eval()
+    model = randomize_output_layers(tiny()).eval()
     frames = windows()
     with torch.no_grad():
         expected = model(frames)
         model = model.to(memory_format=torch.channels_last)
         got = model(frames)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3)
+    assert_maps_close(got, expected)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         again = SigmaMUNet.from_pretrained(tmp_path).eval()(frames)
-    torch.testing.assert_close(again["photons"], expected["photons"], rtol=1e-4, atol=1e-3)
+    assert_maps_close(again, expected)
 
 
 def test_changing_the_scaling_after_construction_is_saved(tmp_path):
@@ -210,13 +228,12 @@ def _gradients(model, frames):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     frames = windows()
-    model = tiny(dropout=0.2).train()
+    model = randomize_output_layers(tiny(dropout=0.2)).train()
     checkpointed = tiny(dropout=0.2, gradient_checkpointing=True).train()
     checkpointed.load_state_dict(model.state_dict())
     a, b = _gradients(model, frames), _gradients(checkpointed, frames)
     assert a.keys() == b.keys() and len(a) == len(list(model.parameters()))
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_maps_close(b, a)  # each parameter's gradient to 1e-3 of its own largest element
 
 
 def test_every_parameter_receives_a_gradient():
@@ -231,5 +248,4 @@ def test_torch_compile_gives_the_same_outputs():
     compiled = torch.compile(model)
     with torch.no_grad():
         a, b = model(frames), compiled(frames)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3)
+    assert_maps_close(b, a)

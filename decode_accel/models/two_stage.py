@@ -180,12 +180,18 @@ class TwoStageNet(nn.Module):
                 f"height {height} and width {width} must be multiples of {multiple} (2**depth, depth={self.depth})",
                 field=name, fix="pad or tile the frames to a multiple (decode_accel.inference does this)")
 
-    def _check_frames(self, frames: torch.Tensor) -> None:
+    def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """The windows as (B, C, 3, H, W). A single-channel model also takes DECODE's (B, 3, H, W), the three
+        frames t-1, t, t+1 stacked on axis 1, and reads it as (B, 1, 3, H, W)."""
+        if frames.ndim == 4 and self.in_channels == 1 and frames.shape[1] == 3:
+            frames = frames.unsqueeze(1)
         if frames.ndim != 5 or frames.shape[1] != self.in_channels or frames.shape[2] != 3:
+            also = " or (B, 3, H, W)" if self.in_channels == 1 else ""
             raise DecodeAccelError(
-                f"expected shape (B, {self.in_channels}, 3, H, W) in photons, got {tuple(frames.shape)}",
+                f"expected shape (B, {self.in_channels}, 3, H, W){also} in photons, got {tuple(frames.shape)}",
                 field="frames", fix="stack frames t-1, t, t+1 on axis 2 and the camera channels on axis 1")
         self._check_size(frames.shape[-2], frames.shape[-1], "frames")
+        return frames
 
     # ------------------------------------------------------------------------------ compute
     def _maybe_checkpoint(self, function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -252,10 +258,11 @@ class TwoStageNet(nn.Module):
 
         Args:
             frames: (B, C, 3, H, W) in photons (frames t-1, t, t+1); H, W multiples of ``2**depth``.
+                Single-channel models also take (B, 3, H, W), as DECODE's SigmaMUNet does.
         Returns:
             dict of (B, H, W) maps in physical units (see docs/architecture.md) plus 'logits'.
         """
-        self._check_frames(frames)
+        frames = self._check_frames(frames)
         b, c, _, h, w = frames.shape
         # (B, C, 3, H, W) -> (B*3, C, H, W): stage 1 sees each frame of each window on its own
         single = frames.transpose(1, 2).reshape(b * 3, c, h, w)
