@@ -5,7 +5,9 @@ An export folder is self-contained (nothing of training: no optimizer, no RNG):
     model.safetensors   weights (written by the model's ``save_pretrained``)
     config.json         constructor arguments of the network, including its input/output Scaling
     decode_accel.json   format_version, architecture, px_size_nm, frame size, n_channels, camera, psf,
-                        channels and dye table, scaling, the full simulation config, metrics
+                        channels and dye table, scaling, the full simulation config, metrics, and the
+                        operating point (the detection threshold the model was validated at, see
+                        decode_accel.pipeline.choose_operating_point; predict uses it by default)
     README.md           model card: training data, training summary, accuracy, intended use, how to run
     assets/             files the simulation config points to (spline PSF calibration, sCMOS maps)
 
@@ -54,6 +56,10 @@ class ExportedModel:
         simulation_config: the ``SimulationConfig`` the network was trained on.
         frame_size: (height, width) of the training frames (px).
         path: the local folder.
+        operating_point: the detection threshold chosen when the model was trained, on a tuning movie
+            simulated from its training physics, with the precision/recall it reached there
+            ({"threshold": 0-1, ...}); None for exports made without one (predict then uses the
+            post-processor's default).
     """
 
     model: torch.nn.Module
@@ -65,6 +71,13 @@ class ExportedModel:
     simulation_config: Any = None
     frame_size: tuple[int, int] | None = None
     path: Path | None = field(default=None)
+    operating_point: dict[str, Any] | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The detection threshold of the operating point (0-1), or None."""
+        point = self.operating_point or {}
+        return float(point["threshold"]) if point.get("threshold") is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,6 +167,16 @@ def _model_card(name: str, architecture: str, meta: dict, sim, metrics: Mapping 
         lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     else:
         lines.append("No evaluation metrics were recorded with this export.")
+    point = meta.get("operating_point")
+    lines += ["", "## Operating point", ""]
+    if point:
+        where = point.get("chosen_on") or "a tuning movie"
+        lines.append(f"`decode-accel predict` keeps localizations with detection probability >= "
+                     f"{_fmt(float(point['threshold']))} by default (chosen on {where}; there: "
+                     + ", ".join(f"{k} {_fmt(point[k])}" for k in ("precision", "recall", "jaccard") if k in point)
+                     + "). Pass `--threshold` to trade recall for precision.")
+    else:
+        lines.append("None recorded: `decode-accel predict` uses the post-processor's default threshold (0.3).")
     lines += [
         "",
         "## Intended use and limits",
@@ -211,7 +234,8 @@ def _fsync_tree(folder: Path) -> None:
 
 def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulation_config: Any,
                  metrics: Mapping[str, Any] | None = None, training_config: Any = None,
-                 accelerator=None, name: str | None = None) -> Path:
+                 accelerator=None, name: str | None = None,
+                 operating_point: Mapping[str, Any] | None = None) -> Path:
     """Write a self-contained export folder for inference and the Hub (atomically).
 
     Args:
@@ -224,6 +248,8 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
         training_config: the ``TrainingConfig`` (or dict), summarised in the model card.
         accelerator: unwraps a prepared model with ``keep_torch_compile=False``.
         name: title of the model card (default: the folder name).
+        operating_point: {"threshold": 0-1, ...}: the detection threshold the model was validated at
+            (predict's default) and where it was chosen; see ``pipeline.choose_operating_point``.
 
     Returns:
         The export folder.
@@ -244,6 +270,11 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
         training = training_config if isinstance(training_config, TrainingConfig) else \
             TrainingConfig.model_validate(training_config)
     n_channels = sim.channels.n_channels
+    if operating_point is not None:
+        threshold = operating_point.get("threshold")
+        if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) <= 1.0):
+            raise DecodeAccelError(f"threshold must lie in (0, 1], got {threshold!r}", field="operating_point.threshold",
+                                   fix="pass the probability threshold the model was validated at")
     own = _model_channels(net)
     if own is not None and own != n_channels:
         raise DecodeAccelError(f"the model reads {own} channel(s) but the simulation config has {n_channels}",
@@ -284,6 +315,8 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
             "simulation": sim_data,
             "metrics": json.loads(json.dumps(dict(metrics or {}), default=float)),
             "training": training.model_dump(mode="json") if training is not None else None,
+            "operating_point": json.loads(json.dumps(dict(operating_point), default=float))
+            if operating_point is not None else None,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(name or out_dir.name, type(net).__name__, meta, sim, metrics,
@@ -393,7 +426,8 @@ def load_exported(path_or_repo_id: str | os.PathLike, *, revision: str | None = 
     camera = Camera(sim.camera, frame_shape=frame_size)
     return ExportedModel(model=model, metadata=meta, camera=camera, px_size_nm=float(meta["px_size_nm"]),
                          n_channels=int(meta["n_channels"]), dye_table=meta.get("dye_table"),
-                         simulation_config=sim, frame_size=frame_size, path=folder)
+                         simulation_config=sim, frame_size=frame_size, path=folder,
+                         operating_point=meta.get("operating_point"))
 
 
 # ----------------------------------------------------------------------------------------------

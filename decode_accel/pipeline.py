@@ -33,6 +33,18 @@ def held_out_seed(index: int) -> int:
     return HELD_OUT_SEED_BASE + int(index)
 
 
+#: Tuning movies (where a model's operating threshold is chosen) draw their seeds from here: apart from
+#: training, validation and the held-out test movies that are reported.
+TUNING_SEED_BASE = 8_000_000_000
+#: thresholds tried when the operating point is chosen
+THRESHOLD_CANDIDATES = tuple(round(0.05 * k, 2) for k in range(2, 20))
+
+
+def tuning_seed(index: int) -> int:
+    """Seed of the ``index``-th tuning movie (never reported, never trained on)."""
+    return TUNING_SEED_BASE + int(index)
+
+
 class TimeBudget(Hook):
     """Stops training after ``minutes`` of wall time (checked after each optimizer update)."""
 
@@ -46,6 +58,30 @@ class TimeBudget(Hook):
     def on_step_end(self, trainer, losses: dict) -> None:
         if self.minutes is not None and time.perf_counter() - self._start > 60.0 * self.minutes:
             trainer.request_stop(f"time budget of {self.minutes:g} min reached")
+
+
+class ProgressBar(Hook):
+    """A tqdm bar over the optimizer updates of a fit, with ETA and the latest training loss."""
+
+    def __init__(self, total_updates: int, description: str = "training"):
+        self.total = int(total_updates)
+        self.description = description
+        self._bar = None
+
+    def on_fit_start(self, trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.total, desc=self.description, unit="update", dynamic_ncols=True,
+                         initial=int(trainer.global_step), smoothing=0.05, mininterval=2.0)
+
+    def on_step_end(self, trainer, losses: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(int(trainer.global_step) - self._bar.n)
+
+    def on_fit_end(self, trainer, history: dict) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class LearningCurve(Hook):
@@ -126,11 +162,15 @@ def crlb_psf(sim_config):
 
 
 def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: float | None = None,
-                mixed_precision: str | None = None) -> dict:
+                mixed_precision: str | None = None, progress: bool = False, operating_point: bool = True) -> dict:
     """Train ``config`` (a TrainingConfig) on on-the-fly simulation; export to ``run_dir/export``.
 
-    Returns the history plus ``export_dir``, ``train_seconds``, ``samples_per_s``, ``data_wait_share``
-    and ``learning_curve`` [(update, seconds, loss)].
+    The fit runs ``training_strategy.epochs x data.steps_per_epoch`` updates (``max_minutes`` is an
+    optional wall-clock cap on top). With ``operating_point`` the detection threshold is then chosen on
+    a tuning movie of the training physics and stored in the export (:func:`choose_operating_point`).
+
+    Returns the history plus ``export_dir``, ``train_seconds``, ``samples_per_s``, ``data_wait_share``,
+    ``learning_curve`` [(update, seconds, loss)] and ``operating_point``.
     """
     from decode_accel.training.builders import build_loaders, build_monitor, build_trainer
     from decode_accel.training.config import save_config
@@ -141,7 +181,11 @@ def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: f
     data["monitoring"]["log_dir"] = str(run_dir / "logs")
     config = type(config).model_validate(data)
     curve, budget = LearningCurve(), TimeBudget(max_minutes)
-    trainer = build_trainer(config, cpu=cpu, mixed_precision=mixed_precision, hooks=(curve, budget))
+    hooks = [curve, budget]
+    if progress:
+        total = config.training_strategy.epochs * config.data.steps_per_epoch
+        hooks.append(ProgressBar(total, f"training {config.model.architecture}/{config.model.preset}"))
+    trainer = build_trainer(config, cpu=cpu, mixed_precision=mixed_precision, hooks=tuple(hooks))
     train_loader, val_loader = build_loaders(config, rank=trainer.accelerator.process_index,
                                              world_size=trainer.accelerator.num_processes)
     monitor = build_monitor(config, is_main_process=trainer.accelerator.is_main_process)
@@ -160,7 +204,55 @@ def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: f
     history.update(export_dir=run_dir / "export", train_seconds=train_seconds, wall_seconds=seconds,
                    samples=samples, samples_per_s=samples / max(train_seconds, 1e-9),
                    data_wait_share=_data_wait_share(perf), learning_curve=curve.points)
+    history["operating_point"] = choose_operating_point(run_dir / "export") if operating_point else None
     return history
+
+
+def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, height: int = 64, width: int = 64,
+                           seed: int | None = None, candidates=THRESHOLD_CANDIDATES, store: bool = True) -> dict:
+    """Choose the detection threshold a model is used at, on a tuning movie of its own training physics.
+
+    Simulates a ``n_frames`` movie of ``height`` x ``width`` px from the export's simulation config
+    (seed from :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it
+    once at the lowest candidate threshold and picks the candidate with the best Jaccard index (ties go
+    to the higher threshold). With ``store`` the result is written into the export folder, where
+    ``predict`` finds it and uses it by default.
+
+    Returns:
+        {"threshold", "jaccard", "precision", "recall" at it, "chosen_on" (text), "tuning_seed",
+        "candidates": [{threshold, jaccard, precision, recall}, ...]}.
+    """
+    import tempfile
+
+    from decode_accel.hub import export_model, load_exported
+    from decode_accel.inference.predict import predict
+
+    exported = load_exported(export_dir)
+    sim = test_simulation(exported.simulation_config, height, width)
+    camera = None
+    chip = getattr(exported.camera, "map_shape", None)
+    if chip is not None and tuple(chip) != (height, width):  # full-chip sCMOS maps: the movie at the chip's corner
+        data = sim.model_dump()
+        data["camera"].update(roi_origin=(0, 0), scmos_training_crop="roi")
+        sim, camera = type(sim).model_validate(data), exported.camera.with_roi((0, 0))
+    seed = tuning_seed(0) if seed is None else int(seed)
+    with tempfile.TemporaryDirectory(prefix="decode_accel_tuning_") as tmp:
+        movie = simulate_held_out_movie(sim, n_frames, seed, tmp, name="tuning")
+        table = predict(exported, movie.tiff, threshold=min(candidates), progress=False, camera=camera)
+    rows = []
+    for threshold in sorted(candidates):
+        metrics = evaluate_table(table[table["prob"] >= threshold], movie, sim)["all"]
+        rows.append({"threshold": float(threshold), **{k: float(metrics[k]) if metrics[k] == metrics[k] else 0.0
+                                                        for k in ("jaccard", "precision", "recall")}})
+    best = max(rows, key=lambda r: (r["jaccard"], r["threshold"]))
+    point = dict(best, tuning_seed=seed, candidates=rows,
+                 chosen_on=f"a tuning movie of the training physics ({n_frames} frames of {height}x{width} px, "
+                           f"seed {seed}), best Jaccard index")
+    if store:
+        export_model(export_dir, exported.model, simulation_config=exported.simulation_config,
+                     metrics=exported.metadata.get("metrics"), training_config=exported.metadata.get("training"),
+                     operating_point=point)
+    return point
 
 
 def _data_wait_share(perf: dict) -> float:
@@ -173,19 +265,53 @@ def _data_wait_share(perf: dict) -> float:
 
 
 def assess(export_dir: str | Path, movie: HeldOutMovie, sim_config, *, threshold: float | None = None,
-           out_table: str | Path | None = None) -> dict:
-    """Predict ``movie`` with the exported model and evaluate it against the truth.
+           out_table: str | Path | None = None, trust_png: str | Path | None = None) -> dict:
+    """Predict ``movie`` with the exported model, as a user would, and evaluate it against the truth.
 
-    Returns ``{"all": metrics, "bright": metrics (truth below 25 % of the mean photons excluded, as the
-    challenge's photon threshold), "predict_seconds", "frames_per_s", "n_locs"}``.
+    ``threshold`` None uses the export's operating point (predict's default). Returns
+    ``{"all": metrics, "bright": metrics (truth below 25 % of the mean photons excluded, as the
+    challenge's photon threshold), "trust": :func:`trust_report`, "threshold" (the one used),
+    "predict_seconds", "frames_per_s", "n_locs"}``; with ``trust_png`` the trust figure is drawn there.
     """
+    from decode_accel.hub import load_exported
     from decode_accel.inference.predict import predict
 
+    exported = load_exported(export_dir)
     t0 = time.perf_counter()
-    table = predict(export_dir, movie.tiff, out=out_table, threshold=threshold, progress=False)
+    table = predict(exported, movie.tiff, out=out_table, threshold=threshold, progress=False)
     seconds = time.perf_counter() - t0
-    return evaluate_table(table, movie, sim_config) | {
-        "predict_seconds": seconds, "frames_per_s": movie.n_frames / max(seconds, 1e-9), "n_locs": len(table)}
+    used = threshold if threshold is not None else exported.threshold
+    # the reliability diagram needs the localizations below the operating threshold too
+    low = predict(exported, movie.tiff, threshold=min(THRESHOLD_CANDIDATES), progress=False)
+    result = evaluate_table(table, movie, sim_config)
+    result["trust"] = trust_report(table, low, movie, sim_config)
+    if trust_png is not None:
+        from decode_accel.evaluation.diagnostics import plot_trust
+
+        t = result["trust"]
+        plot_trust(trust_png, t["gridding"], t["detection_reliability"], t["uncertainty_reliability"],
+                   title=f"held-out movie seed {movie.seed}: threshold {used}")
+    return result | {"threshold": used, "predict_seconds": seconds,
+                     "frames_per_s": movie.n_frames / max(seconds, 1e-9), "n_locs": len(table)}
+
+
+def trust_report(table: pd.DataFrame, low_threshold_table: pd.DataFrame, movie: HeldOutMovie, sim_config) -> dict:
+    """Gridding (sub-pixel uniformity of x and y, prediction beside truth), detection reliability (from the
+    localizations at a low threshold) and uncertainty reliability per axis; for 3D, the z bias in bins of
+    true z."""
+    from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
+                                                     uncertainty_reliability)
+
+    px = float(sim_config.frame.px_size)
+    use_z = sim_config.psf.kind != "gaussian"
+    axes = ("x", "y", "z") if use_z else ("x", "y")
+    out = {"gridding": gridding_report(movie.truth, table, px),
+           "detection_reliability": detection_reliability(movie.truth, low_threshold_table, use_z=use_z),
+           "uncertainty_reliability": uncertainty_reliability(movie.truth, table, axes=axes, use_z=use_z)}
+    if use_z:
+        lo, hi = sim_config.emitters.z_range
+        out["z_bias_by_true_z"] = bias_by_true_value(movie.truth, table, "z", np.linspace(lo, hi, 9), use_z=True)
+    return out
 
 
 def card_metrics(result: dict, movie: HeldOutMovie) -> dict:
@@ -205,7 +331,8 @@ def refresh_model_card(export_dir: str | Path, result: dict, movie: HeldOutMovie
 
     exported = load_exported(export_dir)
     return export_model(export_dir, exported.model, simulation_config=exported.simulation_config,
-                        metrics=card_metrics(result, movie), training_config=training_config)
+                        metrics=card_metrics(result, movie), training_config=training_config,
+                        operating_point=exported.operating_point)
 
 
 def evaluate_table(table: pd.DataFrame, movie: HeldOutMovie, sim_config) -> dict:
@@ -248,11 +375,14 @@ HEADLINE = [
     ("jaccard", "JI", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("precision", "precision", "{:.3f}"),
     ("rmse_lat", "RMSE lat (nm)", "{:.1f}"), ("rmse_ax", "RMSE ax (nm)", "{:.1f}"),
     ("eff_lat", "E lat (%)", "{:.1f}"), ("eff_ax", "E ax (%)", "{:.1f}"),
-    ("crlb_x", "CRLB x (nm)", "{:.1f}"), ("rmse_over_crlb_x", "RMSE/CRLB x", "{:.2f}"),
-    ("rmse_over_crlb_y", "RMSE/CRLB y", "{:.2f}"), ("rmse_over_crlb_z", "RMSE/CRLB z", "{:.2f}"),
-    ("calib_z", "within 1 sigma z", "{:.2f}"),
+    ("bias_x", "bias x (nm)", "{:+.2f}"), ("bias_y", "bias y (nm)", "{:+.2f}"), ("bias_z", "bias z (nm)", "{:+.1f}"),
+    ("rmse_x", "RMSE x (nm)", "{:.1f}"), ("rmse_y", "RMSE y (nm)", "{:.1f}"),
+    ("crlb_x", "CRLB x (nm)", "{:.1f}"), ("crlb_y", "CRLB y (nm)", "{:.1f}"),
+    ("rmse_over_crlb_x", "RMSE/CRLB x", "{:.2f}"), ("rmse_over_crlb_y", "RMSE/CRLB y", "{:.2f}"),
+    ("rmse_over_crlb_z", "RMSE/CRLB z", "{:.2f}"),
     ("calib_x", "within 1 sigma x", "{:.2f}"), ("calib_y", "within 1 sigma y", "{:.2f}"),
-    ("ratio_rmse", "ratio RMSE", "{:.4f}"), ("ratio_crlb", "ratio CRLB", "{:.4f}"),
+    ("calib_z", "within 1 sigma z", "{:.2f}"),
+    ("ratio_rmse", "ratio RMSE", "{:.4f}"), ("ratio_bias", "ratio bias", "{:+.4f}"), ("ratio_crlb", "ratio CRLB", "{:.4f}"),
     ("crosstalk", "crosstalk", "{:.4f}"), ("rejection", "rejection", "{:.4f}"),
 ]
 
@@ -327,12 +457,32 @@ def write_json(data, path: str | Path) -> Path:
 
 
 #: CPU training settings shared by the demo and the benchmarks' CPU budget: small network, 32 x 32 px
-#: training frames, constant learning rate (runs are stopped by a time budget, not by epochs)
+#: training frames; the number of updates and the learning-rate schedule come from :func:`update_budget`
 CPU_TRAINING_OVERRIDES = [
     "model.preset=cpu_small", "simulation.frame.height=32", "simulation.frame.width=32", "data.batch_size=16",
-    "data.num_workers=1", "data.steps_per_epoch=100", "data.val_samples=64", "optimizer.lr=1e-3",
-    "scheduler={type: none}", "monitoring.use_tensorboard=false", "monitoring.validate_every=1000",
+    "data.num_workers=1", "data.steps_per_epoch=100", "data.val_samples=64",
+    "monitoring.use_tensorboard=false", "monitoring.validate_every=1000",
 ]
+#: peak learning rate of the CPU budget (AdamW, batch 16)
+CPU_PEAK_LR = 2e-3
+
+
+def update_budget(updates: int, peak_lr: float = CPU_PEAK_LR, warmup: int = 100, steps_per_epoch: int = 100) -> list[str]:
+    """Overrides for a run of exactly ``updates`` optimizer updates: linear warm-up over ``warmup`` updates,
+    then a cosine decay of the learning rate to 1 % of ``peak_lr`` at the last update.
+
+    Why a decay to (almost) zero: with a constant rate the weights keep jittering by about one Adam
+    step per update, and the network's dx/dy outputs with them, so the model taken at the last update
+    carries a random constant offset of a few nm; the decay lets the last updates average it out.
+    """
+    if updates < steps_per_epoch or updates % steps_per_epoch:
+        raise ValueError(f"updates must be a positive multiple of {steps_per_epoch}, got {updates}")
+    return [f"data.steps_per_epoch={steps_per_epoch}", f"training_strategy.epochs={updates // steps_per_epoch}",
+            f"optimizer.lr={peak_lr}",
+            "scheduler={type: CosineAnnealingLR, T_max: %d, eta_min: %g, interval: step, warmup_steps: %d}"
+            % (updates, 0.01 * peak_lr, warmup)]
+
+
 #: a 32 x 32 px frame carries ~1 emitter at 0.1/µm²: low-density scenarios train at this density
 #: (5x more emitters per unit of compute); their test movies keep the scenario's density
 MIN_TRAIN_DENSITY = 0.5
@@ -345,6 +495,10 @@ def training_density_overrides(test_config, min_density: float | None = MIN_TRAI
     return []
 
 
+#: optimizer updates of the main job (about 6 minutes of training on a quiet 2-core machine)
+DEMO_UPDATES = 2000
+
+
 def demo_main(argv: list[str]) -> int:
     """``decode-accel demo``: the README's main job (train -> predict -> metrics), CPU-friendly."""
     from decode_accel.training.config import load_config
@@ -353,32 +507,44 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--out", default="outputs/demo", help="output folder")
     parser.add_argument("--config", default="recipes/configs/benchmark/a_2d_low_density.yaml",
                         help="training config (scenario); default: 2D low density, challenge camera")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget (min)")
+    parser.add_argument("--updates", type=int, default=DEMO_UPDATES,
+                        help="optimizer updates (a multiple of 100); the same model on any machine, only slower")
     parser.add_argument("--test-frames", type=int, default=100, help="frames of the held-out movie")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    overrides = CPU_TRAINING_OVERRIDES + ["training_strategy.epochs=1000"] + list(args.overrides)
+    try:
+        budget = update_budget(args.updates)
+    except ValueError as err:
+        parser.error(str(err))
+    overrides = CPU_TRAINING_OVERRIDES + budget + list(args.overrides)
     test_config = load_config(args.config, overrides)
     config = load_config(args.config, overrides + training_density_overrides(test_config))
     print(f"[1/3] training {config.model.architecture} ({config.model.preset}) on simulated "
           f"{config.simulation.frame.height}x{config.simulation.frame.width} px frames at "
-          f"{config.simulation.emitters.density:g} emitters/µm² for {args.minutes:g} min (CPU)")
-    history = train_model(config, out / "run", cpu=True, max_minutes=args.minutes)
-    print(f"      {history['global_step']} updates, {history['samples_per_s']:.1f} samples/s; "
-          f"model exported to {history['export_dir']}")
+          f"{config.simulation.emitters.density:g} emitters/µm² for {args.updates} updates (CPU)", flush=True)
+    history = train_model(config, out / "run", cpu=True, progress=True)
+    point = history["operating_point"]
+    print(f"      {history['global_step']} updates in {history['train_seconds']:.0f} s, "
+          f"{history['samples_per_s']:.1f} samples/s; model exported to {history['export_dir']}; "
+          f"operating threshold {point['threshold']:g} (chosen on tuning movie seed {point['tuning_seed']}: "
+          f"precision {point['precision']:.3f}, recall {point['recall']:.3f})")
     test_sim = test_simulation(test_config.simulation)
     movie = simulate_held_out_movie(test_sim, args.test_frames, held_out_seed(0), out, name="held_out")
     print(f"[2/3] predicting the held-out movie {movie.tiff} ({movie.n_frames} frames, "
-          f"{len(movie.truth)} true emitter-frames, seed {movie.seed})")
-    result = assess(history["export_dir"], movie, test_sim, out_table=out / "held_out_locs.csv")
+          f"{len(movie.truth)} true emitter-frames, seed {movie.seed}) with predict's defaults")
+    result = assess(history["export_dir"], movie, test_sim, out_table=out / "held_out_locs.csv",
+                    trust_png=out / "trust.png")
     print(f"      {result['n_locs']} localizations, {result['frames_per_s']:.1f} frames/s -> {out / 'held_out_locs.csv'}")
     print("[3/3] metrics against the truth (challenge-2016 matching, CRLB from each emitter's photons and background)")
     print(format_table({"all emitters": result["all"], "photons >= 25% of mean": result["bright"]}))
+    grid = result["trust"]["gridding"]
+    print("gridding (chi2/dof of the sub-pixel fractions, 1 = flat): "
+          + ", ".join(f"{w} {a} {grid[f'{w}_{a}']['chi2_per_dof']:.2f}" for w in ("pred", "truth") for a in ("x", "y")))
     refresh_model_card(history["export_dir"], result, movie, config)
     write_json({"history": {k: v for k, v in history.items() if k != "learning_curve"}, "assess": result},
                out / "metrics.json")
     plot_learning_curve(history["learning_curve"], out / "learning_curve.png", "demo training loss")
-    print(f"metrics: {out / 'metrics.json'}; learning curve: {out / 'learning_curve.png'}")
+    print(f"metrics: {out / 'metrics.json'}; learning curve: {out / 'learning_curve.png'}; trust figure: {out / 'trust.png'}")
     return 0

@@ -29,9 +29,9 @@ def test_accuracy_benchmark_runs_end_to_end_in_tiny_mode_and_writes_its_table(tm
 
 
 def test_demo_trains_predicts_and_prints_the_metrics_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "decode_accel.cli", "demo", "--out", str(tmp_path), "--minutes",
-                           "0.05", "--test-frames", "4", "model.preset=tiny", "simulation.frame.height=16",
-                           "simulation.frame.width=16", "data.steps_per_epoch=2", "data.val_samples=4",
+    proc = subprocess.run([sys.executable, "-m", "decode_accel.cli", "demo", "--out", str(tmp_path), "--updates",
+                           "100", "--test-frames", "4", "model.preset=tiny", "simulation.frame.height=16",
+                           "simulation.frame.width=16", "data.val_samples=4", "data.batch_size=2",
                            "data.num_workers=0"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

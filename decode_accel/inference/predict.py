@@ -52,9 +52,11 @@ DEFAULT_TILE_SIZE = 512
 class _Resolved:
     """The pieces predict needs, whichever form the model came in."""
 
-    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name):
+    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None):
         self.net, self.px_size_nm, self.camera = net, px_size_nm, camera
         self.n_channels, self.dye_table, self.name = n_channels, dye_table, name
+        #: the export's operating threshold (None: the post-processor's default)
+        self.threshold = threshold
 
 
 def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = None,
@@ -89,7 +91,8 @@ def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = 
     if cam is None:
         raise DecodeAccelError("no camera to convert ADU to photons", field="camera",
                                fix="pass camera=... (or --camera camera.yaml) or use an export folder, which stores it")
-    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name)
+    threshold = None if isinstance(model, torch.nn.Module) else getattr(model, "threshold", None)
+    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold)
 
 
 def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
@@ -154,6 +157,8 @@ def _make_postprocessor(resolved: _Resolved, threshold: float | None, postproces
         return postprocessor
     from decode_accel.inference.postprocess import PostProcessor
     kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table)
+    if threshold is None:
+        threshold = resolved.threshold  # the operating point the model was validated at
     if threshold is not None:
         kwargs["threshold"] = threshold
     return PostProcessor(**kwargs)
@@ -323,7 +328,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         batch_size: frames per network call (default: from the tile size and the device).
         frames: ``"A:B"`` / ``slice`` / ``(A, B)``: the 0-based frame range to localize (B exclusive).
         tile_size: tile edge (px); larger frames are tiled with exact stitching. None: never tile.
-        threshold: detection threshold of the post-processing (default: the post-processor's).
+        threshold: detection threshold of the post-processing (default: the export's operating point,
+            the threshold the model was validated at; else the post-processor's 0.3).
         resume: continue a stopped run from the part files next to ``out``.
         cache_features: compute each frame's stage-1 features once (about 40 % less compute).
         progress: show a tqdm progress bar (main process only).
@@ -488,7 +494,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="frames per network call")
     p.add_argument("--frames", default=None, help="0-based frame range A:B (B exclusive), e.g. 0:1000")
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile edge in px (default 512)")
-    p.add_argument("--threshold", type=float, default=None, help="detection threshold (probability)")
+    p.add_argument("--threshold", type=float, default=None, help="detection threshold (probability); default: the "
+                   "threshold the model was validated at (its export's operating point)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run (keeps <out>.parts/)")
     p.add_argument("--no-cache", action="store_true", help="recompute stage-1 features for every window")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")

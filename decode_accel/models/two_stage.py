@@ -117,7 +117,8 @@ class TwoStageNet(nn.Module):
 
     # ----------------------------------------------------------------------------------- set-up
     def _init_weights(self) -> None:
-        """Kaiming-normal (fan-in) convolutions with zero biases; the p head starts at logit -6 (p ~ 0.0025).
+        """Kaiming-normal (fan-in) convolutions with zero biases; the p head starts at logit -6 (p ~ 0.0025)
+        and the output layers of the other heads at zero (no initial offset of dx, dy, z).
 
         The 3x3 convolutions are followed by an activation and get the ReLU gain sqrt(2); the 2x2
         down-sampling and 1x1 convolutions are linear and get gain 1. (DECODE uses the ReLU gain
@@ -134,6 +135,15 @@ class TwoStageNet(nn.Module):
         # the bias that the soft clamp (clamp_logits) maps to a logit of -6
         bias = LOGIT_CLAMP * math.atanh(P_LOGIT_INIT / LOGIT_CLAMP)
         nn.init.constant_(self.heads["p"][-1].bias, bias)
+        # Every other head starts at exactly raw = 0 (dx = dy = z = 0, sigmas and photons mid-range):
+        # with random output weights the dx, dy maps start with a constant part of up to +-0.5 px
+        # (50 nm) that differs between the axes and that training has to unlearn; a short training
+        # kept it as a constant offset on one axis (+13 nm after 200 updates). The zero output layer
+        # still learns from the first update (its gradient is features x output error).
+        for name, head in self.heads.items():
+            if name != "p":
+                nn.init.zeros_(head[-1].weight)
+                nn.init.zeros_(head[-1].bias)
 
     @property
     def scaling(self) -> Scaling:
