@@ -49,6 +49,7 @@ import torch
 
 from decode_accel import __version__
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._atomic import temporary_path
 
 __all__ = [
     "FORMAT_VERSION", "EMITTER_COLUMNS", "MovieFile", "write_hdf5", "read_hdf5", "export_tiff_and_csv",
@@ -170,10 +171,8 @@ def _compact_bg(bg: np.ndarray) -> np.ndarray:
 
 
 def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new temporary file next to ``path`` (mode 0666 less the umask), to be moved onto it."""
+    return temporary_path(path)
 
 
 def write_hdf5(path: str | os.PathLike, movie: Any, config: Any = None, *, px_size: float | None = None,

@@ -1,26 +1,56 @@
 """Atomic file writes: write to a temporary file in the target folder, then os.replace.
 
-A reader (or a crash) never sees a half-written localization file: the old file stays until the new
-one is complete.
+A reader (or a crash) never sees a half-written file: the old file stays until the new one is complete.
+Every file the project writes atomically goes through :func:`create_temporary_file`, which creates the
+temporary file with mode 0666 less the umask, as ``open()`` does for any tool. (``tempfile.mkstemp``
+creates its files 0600, and ``os.replace`` keeps that mode: results that colleagues on a shared server
+could not read.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+from decode_accel.errors import DecodeAccelError
+
+#: mode requested for new files; the kernel removes the umask's bits from it (as for ``open(path, "w")``)
+NEW_FILE_MODE = 0o666
+
+
+def create_temporary_file(target: str | os.PathLike) -> tuple[int, Path]:
+    """Create a new, empty, uniquely named hidden file next to ``target`` (``.<name>.<random>.tmp``).
+
+    The file is created with ``O_EXCL`` (never an existing file) and mode 0666 less the umask. Parent
+    folders are created. Returns an open file descriptor (write-only; close it) and the path.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, NEW_FILE_MODE), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {target}")
+
+
+def temporary_path(target: str | os.PathLike) -> Path:
+    """:func:`create_temporary_file`, closed: a path for writers that open the file themselves."""
+    fd, tmp = create_temporary_file(target)
+    os.close(fd)
+    return tmp
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it onto ``path``, else delete it."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temporary_path(target)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -28,3 +58,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder, fsync and ``os.replace``.
+
+    Raises:
+        DecodeAccelError: the folder cannot be created or written, or the disk is full (one line naming
+            the file); the previous file, if any, is kept.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = create_temporary_file(path)
+    except OSError as err:
+        raise DecodeAccelError(f"cannot write: {err.strerror or err}", path=path,
+                               fix="choose a writable folder") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise DecodeAccelError(f"cannot write: {err.strerror or err}", path=path,
+                               fix="free disk space or choose a writable folder") from None

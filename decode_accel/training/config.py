@@ -20,7 +20,6 @@ import difflib
 import inspect
 import json
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -31,6 +30,7 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_vali
 
 from decode_accel.config_base import StrictModel
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._atomic import atomic_write_text  # noqa: F401  (also part of this module's API)
 
 # The simulation and models rooms own their sections; the training tree embeds them unchanged.
 from decode_accel.models.config import ModelConfig
@@ -817,30 +817,6 @@ def save_config(cfg: TrainingConfig, path: str | os.PathLike) -> Path:
         yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     atomic_write_text(path, text)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and ``os.replace``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise DecodeAccelError(f"cannot write: {err.strerror}", path=path,
-                               fix="choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise DecodeAccelError(f"cannot write: {err.strerror}", path=path,
-                               fix="free disk space or choose a writable folder") from None
 
 
 # ----------------------------------------------------------------------------------------------
