@@ -244,7 +244,8 @@ def _add_terms(sums: dict, terms: dict, weight: float = 1.0) -> dict:
     """Running sums of loss terms, on the device (no host sync)."""
     for k, v in terms.items():
         v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-        sums[k] = sums[k] + v * weight if k in sums else v * weight
+        v = v if weight == 1.0 else v * weight
+        sums[k] = sums[k] + v if k in sums else v
     return sums
 
 
@@ -578,7 +579,8 @@ class BaseTrainer:
         global_step, stopped_early, stop_reason.
         """
         start = time.time()
-        s = self._begin_fit(train_loader, val_loader, monitor, **({"epochs": epochs} if epochs else {}), **settings)
+        s = self._begin_fit(train_loader, val_loader, monitor, **({} if epochs is None else {"epochs": epochs}),
+                            **settings)
         try:
             self._fire("on_fit_start")
             for epoch in range(self.epoch, s.epochs):
@@ -649,7 +651,9 @@ class BaseTrainer:
 
     def _end_update(self, terms: dict) -> bool:
         """After a group's last micro-batch: count the update, step the lr schedule, hooks, checkpoints."""
-        dropped = self._agree_skip() or self._dropped  # (reads votes an override's own step did not)
+        # votes an override's own optimizer.step() did not read: a veto then comes after the step (a guard's
+        # rollback still repairs it), and the update is not counted
+        dropped = self._agree_skip() or self._dropped
         stepped = not dropped and (self._stepped or self.accelerator.optimizer_step_was_skipped)
         self._stepped, self._dropped = False, False
         if not stepped:
