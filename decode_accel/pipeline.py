@@ -215,7 +215,7 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, heigh
     Simulates a ``n_frames`` movie of ``height`` x ``width`` px from the export's simulation config
     (seed from :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it
     once at the lowest candidate threshold and picks the candidate with the best Jaccard index (ties go
-    to the higher threshold). With ``store`` the result is written into the export folder, where
+    to the candidate nearest 0.5). With ``store`` the result is written into the export folder, where
     ``predict`` finds it and uses it by default.
 
     Returns:
@@ -244,7 +244,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, heigh
         metrics = evaluate_table(table[table["prob"] >= threshold], movie, sim)["all"]
         rows.append({"threshold": float(threshold), **{k: float(metrics[k]) if metrics[k] == metrics[k] else 0.0
                                                         for k in ("jaccard", "precision", "recall")}})
-    best = max(rows, key=lambda r: (r["jaccard"], r["threshold"]))
+    # ties (e.g. an untrained model with JI 0 everywhere) go to the candidate nearest 0.5
+    best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
     point = dict(best, tuning_seed=seed, candidates=rows,
                  chosen_on=f"a tuning movie of the training physics ({n_frames} frames of {height}x{width} px, "
                            f"seed {seed}), best Jaccard index")
