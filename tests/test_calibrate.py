@@ -197,3 +197,55 @@ def test_astigmatic_psf_config_per_axis_and_shorthand_agree():
     assert sx[0] == pytest.approx(1.1) and sy[1] == pytest.approx(1.1)  # x narrowest at focal_x
     with pytest.raises(Exception, match="gamma or focal"):
         PSFConfig(kind="astigmatic", gamma=100.0, focal_x=50.0)
+
+
+def test_roi_origin_read_from_micromanager_metadata(tmp_path):
+    import json
+
+    from decode_accel.calibration.calibrate import roi_origin_from_metadata
+    H = W = 64
+    rng = np.random.default_rng(2)
+    chip = dict(offset_adu=(100 + rng.random((128, 160))).astype(np.float32),
+                variance_adu2=np.full((128, 160), 3.0, np.float32),
+                e_per_adu=np.full((128, 160), 0.5, np.float32))
+    np.savez(tmp_path / "chip.npz", **chip)
+    r, c = 40, 72
+    cam = {"kind": "scmos", "qe": 1.0, "scmos_maps": str(tmp_path / "chip.npz"), "roi_origin": (r, c),
+           "scmos_training_crop": "roi"}
+    _, m = _movie(tmp_path, camera=cam, H=H, W=W, T=6)
+    path = tmp_path / "mm.tif"
+    meta = json.dumps({"ROI": f"{c}-{r}-{W}-{H}"})
+    tifffile.imwrite(path, m.frames_adu[:, 0].numpy().astype(np.uint16), extratags=[(51123, "s", 0, meta, True)])
+    assert roi_origin_from_metadata(path) == (r, c)
+    res = calibrate(path, px_size=TRUE["px"], scmos_maps=str(tmp_path / "chip.npz"), frame_size=32, match_density=False)
+    assert res.simulation.camera.roi_origin == (r, c)
+    assert any(e.source == "file metadata" for e in res.estimates)
+
+
+def test_calibrate_astigmatic_from_a_bead_stack(tmp_path):
+    z = np.arange(-600, 601, 50.0)
+    stack = _bead_stack(KNOWN, z, photons=20000.0, bg=10.0, size=25)
+    tifffile.imwrite(tmp_path / "beads.tif", stack.astype(np.uint16))
+    cfg = SimulationConfig(frame={"height": 64, "width": 64, "px_size": 110.0},
+                           emitters={"emitters_per_frame": 8, "photons_mean": 3000, "photons_sd": 500,
+                                     "z_range": (-400, 400)},
+                           psf={"kind": "astigmatic", **KNOWN}, background={"uniform": (10.0, 10.0)},
+                           camera={"kind": "perfect"})
+    m = Simulator(cfg).sample(6, torch.Generator().manual_seed(0))
+    tifffile.imwrite(tmp_path / "movie.tif", m.frames_adu[:, 0].numpy().astype(np.uint16))
+    out = tmp_path / "astig.yaml"
+    assert cli_main(["calibrate", "--input", str(tmp_path / "movie.tif"), "--out", str(out), "--px-size", "110",
+                     "--camera", "perfect", "--psf", "astigmatic", "--bead-stack", str(tmp_path / "beads.tif"),
+                     "--z-step", "50", "--no-match-density"]) == 0
+    psf = load_config(out).simulation.psf
+    assert psf.kind == "astigmatic"
+    assert psf.focal_x == pytest.approx(KNOWN["focal_x"], abs=25) and psf.focal_y == pytest.approx(KNOWN["focal_y"], abs=25)
+    assert psf.depth_x == pytest.approx(KNOWN["depth_x"], rel=0.1)
+    assert "PSF focal_x" in out.read_text()
+
+
+def test_per_axis_psf_config_round_trips():
+    from decode_accel.simulation import PSFConfig
+    cfg = SimulationConfig(psf=PSFConfig(kind="astigmatic", **KNOWN))
+    again = SimulationConfig.model_validate(cfg.model_dump())
+    assert again.psf.astigmatic_axes() == cfg.psf.astigmatic_axes()

@@ -224,6 +224,13 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
     except Exception as err:  # noqa: BLE001 - pydantic names the field
         raise DecodeAccelError(f"camera settings are invalid ({' '.join(str(err).split())[:300]})", field="camera") from None
     cam = Camera(camera_cfg, (H, W))
+    if roi_origin is None and cam.map_shape is not None and tuple(cam.map_shape) != (H, W):
+        roi_origin = roi_origin_from_metadata(movie_path)
+        if roi_origin is not None:  # the movie is a region of the chip and its file says which
+            est.append(Estimate("ROI origin (row, col)", float(roi_origin[0]), None, "px", "file metadata",
+                                f"column {roi_origin[1]}; the movie's place on the sCMOS maps"))
+            camera_cfg = camera_cfg.model_copy(update={"roi_origin": tuple(roi_origin)})
+            cam = Camera(camera_cfg, (H, W))
     adu_t = torch.from_numpy(adu.astype(np.float32))[:, None]
     electrons = (cam.to_photons(adu_t) * camera_cfg.qe)[:, 0].double().numpy()
     # per-pixel read-noise variance in e-² (sCMOS correction of the fit)
@@ -376,6 +383,40 @@ def _match_density(res: CalibrationResult, cam, iterations: int = 2, seed: int =
     res.estimates.append(Estimate("density (matched)", density, density * rel_sd, "1/µm²", "estimated",
                                   f"simulated frames give the movie's detections per frame ({first:.3g} counted); "
                                   "written to the config"))
+
+
+def roi_origin_from_metadata(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(row, col) of the movie's top-left pixel on the chip from Micro-Manager metadata, or None.
+
+    Reads the ``ROI`` entry ("x-y-width-height" or [x, y, width, height], camera px) of the
+    Micro-Manager summary or of the first frame's ``MicroManagerMetadata`` tag.
+    """
+    import json
+
+    import tifffile
+
+    def parse(roi):
+        if isinstance(roi, str):
+            parts = roi.replace(",", "-").split("-")
+        else:
+            parts = list(roi)
+        x, y = int(float(parts[0])), int(float(parts[1]))
+        return (y, x)
+
+    try:
+        with tifffile.TiffFile(os.fspath(path)) as tif:
+            mm = getattr(tif, "micromanager_metadata", None) or {}
+            summary = mm.get("Summary", {}) if isinstance(mm, dict) else {}
+            if isinstance(summary, dict) and summary.get("ROI") is not None:
+                return parse(summary["ROI"])
+            tag = tif.pages[0].tags.get(51123)  # MicroManagerMetadata (JSON) of the first frame
+            if tag is not None:
+                value = tag.value if isinstance(tag.value, dict) else json.loads(tag.value)
+                if value.get("ROI") is not None:
+                    return parse(value["ROI"])
+    except (ValueError, TypeError, KeyError, IndexError, OSError):
+        return None
+    return None
 
 
 def _read_stack(path: str) -> np.ndarray:

@@ -118,7 +118,9 @@ class PSFConfig(StrictModel):
     def _spline_needs_path(self) -> "PSFConfig":
         if self.kind == "spline" and not self.spline_path:
             raise ValueError("kind 'spline' needs spline_path (a SMAP *_3dcal.mat file)")
-        if "gamma" in self.model_fields_set and (self.focal_x is not None or self.focal_y is not None):
+        # a dumped config carries gamma at its default next to the per-axis planes: only a changed gamma conflicts
+        if (self.gamma != type(self).model_fields["gamma"].default
+                and (self.focal_x is not None or self.focal_y is not None)):
             raise ValueError("give either gamma or focal_x/focal_y (per-axis focal planes, nm), not both")
         return self
 
