@@ -105,7 +105,8 @@ anywhere.'''),
 from decode_accel.pipeline import CPU_TRAINING_OVERRIDES, train_model, update_budget
 from decode_accel.training.config import load_config
 
-updates = 200 if QUICK else 3000
+# optimizer updates: a few hundred for the automated test; DECODE_ACCEL_REAL_UPDATES for a longer run
+updates = int(os.environ.get("DECODE_ACCEL_REAL_UPDATES", 200 if QUICK else 3000))
 overrides = [o for o in CPU_TRAINING_OVERRIDES if not o.startswith("simulation.frame")]
 overrides += update_budget(updates, warmup=50 if QUICK else 100)
 if QUICK:

@@ -48,8 +48,9 @@ class Estimate:
     note: str = ""
 
     def row(self) -> str:
-        sd = "" if self.sd is None or not np.isfinite(self.sd) else f"± {self.sd:.3g}"
-        return f"| {self.name} | {self.value:.4g} {sd} | {self.unit} | {self.source} | {self.note} |"
+        sd = "" if self.sd is None or not np.isfinite(self.sd) else f" ± {self.sd:.3g}"
+        value = "" if not np.isfinite(self.value) else f"{self.value:.4g}"
+        return f"| {self.name} | {value}{sd} | {self.unit} | {self.source} | {self.note} |"
 
 
 @dataclass
