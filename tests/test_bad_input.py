@@ -28,8 +28,8 @@ from decode_accel.cli import main
 from decode_accel.errors import DecodeAccelError
 from tests.test_trainer_helpers import tiny_sigma_munet, tiny_simulation
 
-# 200 files per reader; derandomized (the same files on every run) and without shrinking, so a known
-# failure (xfail below) costs no more than a pass; no example database written into the repository
+# 200 files per reader; derandomized (the same files on every run, so a failure reproduces) and without
+# shrinking (a failure reports the first bad file at once); no example database written into the repository
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -123,6 +123,62 @@ def test_with_debug_the_traceback_is_shown(tmp_path):
     config = write_yaml(tmp_path / "bad.yaml", {"data": {"batch_size": 0}})
     with pytest.raises(DecodeAccelError):
         main(["train", "--config", str(config), "--cpu", "--debug"])
+
+
+def test_a_frame_size_the_network_cannot_halve_is_refused_when_the_config_is_loaded(tmp_path, capsys):
+    rc, err = run_cli(capsys, "train", "--cpu", "--output_dir", str(tmp_path / "run"), "simulation.frame.height=30",
+                      "model.preset=tiny")
+    assert_clean_error(rc, err, "simulation.frame.height=30", "multiple of 4", "use 28 or 32")
+    assert "simulation.frame.width" not in err  # the default width 40 is fine
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    rc, err = run_cli(capsys, "train", "--cpu", "simulation.frame.width=36", "model.depth=3")
+    assert_clean_error(rc, err, "simulation.frame.width=36", "multiple of 8", "model.depth=3", "use 32 or 40")
+
+
+def test_a_curriculum_stage_with_a_frame_size_the_network_cannot_halve_is_named(capsys):
+    from decode_accel.training.config import load_config
+
+    with pytest.raises(DecodeAccelError, match=r"curriculum\.0\.simulation\.frame\.width=42 is not a multiple of 4"):
+        load_config(None, ["curriculum=[{until_epoch: 1, simulation: {frame.width: 42}}]"])
+
+
+# ---------------------------------------------------------------------------------------------- output folders
+TINY_RUN = ["model.preset=tiny", "simulation.frame.height=16", "simulation.frame.width=16", "data.batch_size=2",
+            "data.steps_per_epoch=1", "data.val_samples=2", "training_strategy.epochs=1",
+            "monitoring.use_tensorboard=false"]
+
+
+def test_an_output_dir_that_cannot_be_created_is_named_with_the_flag_and_a_fix(tmp_path, capsys):
+    blocker = tmp_path / "results.txt"  # a file where the folder should go (works even as root)
+    blocker.write_text("keep me")
+    rc, err = run_cli(capsys, "train", "--cpu", "--output_dir", str(blocker / "run"), *TINY_RUN)
+    assert_clean_error(rc, err, blocker / "run", "--output_dir", "cannot create this folder", "choose a folder")
+    assert rc == 2 and "\n" not in err
+    assert blocker.read_text() == "keep me"
+
+
+def test_the_recipe_scripts_report_an_unwritable_output_dir_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("keep me")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "recipes" / "single_channel.py"),
+                           "--cpu", "--output_dir", str(blocker / "run"), *TINY_RUN],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and "--output_dir" in err and str(blocker / "run") in err
+
+
+def test_a_log_dir_that_cannot_be_created_is_named_by_the_monitor(tmp_path):
+    from decode_accel.training.monitor import TrainingMonitor
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DecodeAccelError, match=r"monitoring\.log_dir: cannot create this folder.*--output_dir"):
+        TrainingMonitor(blocker / "logs", use_tensorboard=False)
 
 
 # ---------------------------------------------------------------------------------------------- HDF5
@@ -237,6 +293,90 @@ def test_a_bad_movie_is_refused_with_the_file_name(tmp_path, capsys, export_dir,
         assert "channel" in err
     if kind == "truncated_uncompressed":
         assert "truncated" in err and "--frames" in err
+
+
+def _write_movie(path: Path, frames: np.ndarray) -> Path:
+    tifffile.imwrite(path, frames, photometric="minisblack")
+    return path
+
+
+def _predict_cli(capsys, export_dir, movie: Path, out: Path) -> tuple[int, str]:
+    return run_cli(capsys, "predict", "--model", str(export_dir), "--input", str(movie), "--out", str(out),
+                   "--no-progress")
+
+
+COUNTS = np.random.default_rng(3).integers(90, 200, (6, 16, 16))
+
+
+@pytest.mark.parametrize("dtype, what", [("float64", "floating-point"), ("float32", "floating-point"),
+                                         ("int8", "8-bit signed"), ("int64", "not a camera-count type")])
+def test_a_movie_whose_pixel_type_cannot_hold_camera_counts_is_refused_and_the_old_table_kept(
+        tmp_path, capsys, export_dir, dtype, what):
+    movie = _write_movie(tmp_path / "movie.tif", COUNTS.astype(dtype))
+    out = tmp_path / "locs.csv"
+    out.write_text("the table of an earlier run\n")
+    rc, err = _predict_cli(capsys, export_dir, movie, out)
+    assert_clean_error(rc, err, movie, "pixel type", dtype, what, "uint16")
+    assert "\n" not in err and rc == 2
+    assert out.read_text() == "the table of an earlier run\n"
+
+
+def test_a_float_movie_with_nan_pixels_is_refused_before_any_frame_is_analysed(tmp_path, capsys, export_dir):
+    frames = COUNTS.astype(np.float32)
+    frames[2, 0, 0] = np.nan
+    movie = _write_movie(tmp_path / "movie.tif", frames)
+    rc, err = _predict_cli(capsys, export_dir, movie, tmp_path / "locs.csv")
+    assert_clean_error(rc, err, movie, "float32", "not camera counts")
+    assert not (tmp_path / "locs.csv").exists()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int16", "int32"])
+def test_movies_of_every_camera_count_type_are_analysed(tmp_path, capsys, export_dir, dtype):
+    movie = _write_movie(tmp_path / "movie.tif", COUNTS.astype(dtype))
+    rc, err = _predict_cli(capsys, export_dir, movie, tmp_path / "locs.csv")
+    assert rc == 0, err
+    assert (tmp_path / "locs.csv").read_text().startswith('"id","frame","x [nm]"')
+
+
+def test_negative_pixels_in_a_signed_movie_are_refused_naming_the_frames_and_the_old_table_kept(
+        tmp_path, capsys, export_dir):
+    frames = COUNTS.astype(np.int16)
+    frames[4, 3, 3] = -7
+    frames[5, 0, 5] = -2
+    movie = _write_movie(tmp_path / "movie.tif", frames)
+    out = tmp_path / "locs.csv"
+    out.write_text("the table of an earlier run\n")
+    rc, err = _predict_cli(capsys, export_dir, movie, out)
+    assert_clean_error(rc, err, movie, "pixel values", "frame(s) 4, 5 (0-based)", "negative", "-7", "--frames")
+    assert out.read_text() == "the table of an earlier run\n"
+    # the fix works: frames 0-2 (whose windows read frames 0-3) are analysed
+    rc, err = run_cli(capsys, "predict", "--model", str(export_dir), "--input", str(movie), "--out", str(out),
+                      "--frames", "0:3", "--no-progress")
+    assert rc == 0, err
+
+
+def test_nan_or_infinite_pixels_in_an_array_are_refused_naming_the_frames(export_dir):
+    from decode_accel.inference.predict import predict
+
+    frames = COUNTS.astype(np.float32)
+    frames[0, 1, 1], frames[3, 2, 2], frames[5, 0, 0] = np.nan, np.inf, -np.inf
+    with pytest.raises(DecodeAccelError, match=r"frame\(s\) 0, 3, 5 \(0-based\) hold NaN or infinite") as err:
+        predict(export_dir, frames, progress=False)
+    assert "\n" not in str(err.value) and "--frames" in str(err.value)
+    assert len(predict(export_dir, frames[1:3], progress=False).attrs) > 0  # finite frames are analysed
+
+
+def test_a_movie_without_frames_gets_a_fix_that_is_possible(tmp_path, capsys, export_dir):
+    movie = tmp_path / "empty.tif"
+    tifffile.imwrite(movie, np.zeros((0, 16, 16), np.uint16))
+    rc, err = _predict_cli(capsys, export_dir, movie, tmp_path / "locs.csv")
+    assert_clean_error(rc, err, movie, "no image data", "at least one frame")
+    assert "<= 0" not in err
+    from decode_accel.inference.predict import predict
+
+    with pytest.raises(DecodeAccelError, match="no frames.*at least one frame") as err:
+        predict(export_dir, np.zeros((0, 16, 16), np.uint16), progress=False)
+    assert "<= 0" not in str(err.value)
 
 
 def _read_movie_fully(path):

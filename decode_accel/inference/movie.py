@@ -24,13 +24,62 @@ import tifffile
 
 from decode_accel.errors import DecodeAccelError
 
-__all__ = ["Movie", "ArrayMovie", "open_movie", "parse_frames"]
+__all__ = ["Movie", "ArrayMovie", "open_movie", "parse_frames", "COUNT_DTYPES", "check_count_dtype", "check_counts"]
+
+#: TIFF pixel types that can hold camera counts (ADU): what cameras and acquisition software write.
+#: Signed 16/32-bit files are read too, but a frame with a negative pixel is refused when it is read.
+#: Floating-point files (photon images, background-subtracted or drift-corrected stacks), 8-bit signed
+#: and 64-bit files are refused when the file is opened: decode_accel converts ADU to photons itself.
+COUNT_DTYPES = tuple(np.dtype(t) for t in ("uint8", "uint16", "uint32", "int16", "int32"))
+_COUNT_FIX = ("export the raw camera stack as an unsigned 16-bit (uint16) TIFF; if the values are ADU, convert them "
+              "with numpy: frames.round().clip(0, 65535).astype('uint16')")
 
 # Axes tifffile may use for the frame (time-like) dimension; everything that is not Y, X or C
 # (T, Z, Q, I, P, ...) is flattened into the frame index in file order.
 _PIXEL_AXES = ("Y", "X")
 _NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "\\u00B5m": 1e3, "micron": 1e3,
                 "microns": 1e3, "micrometer": 1e3, "mm": 1e6, "cm": 1e7, "m": 1e9}
+
+
+def check_count_dtype(dtype, path) -> None:
+    """Refuse a file whose pixel type cannot hold camera counts (see :data:`COUNT_DTYPES`)."""
+    dtype = np.dtype(dtype)
+    if dtype in COUNT_DTYPES:
+        return
+    if dtype.kind == "f":
+        what = (f"{dtype.name} (floating-point) pixels are not camera counts; decode_accel reads the camera's ADU "
+                "and converts them to photons itself")
+    elif dtype == np.int8:
+        what = "int8 (8-bit signed) pixels cannot hold camera counts"
+    else:
+        what = f"{dtype.name} pixels are not a camera-count type (uint8, uint16, uint32, int16, int32)"
+    raise DecodeAccelError(what, path=path, field="pixel type", fix=_COUNT_FIX)
+
+
+def _frame_list(frames: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(f)) for f in frames[:limit])
+    return shown + (f" and {len(frames) - limit} more" if len(frames) > limit else "")
+
+
+def check_counts(data: np.ndarray, frames: np.ndarray, path) -> None:
+    """Refuse frames that cannot be camera counts: NaN or infinite pixels (float data) or negative pixels
+    (signed integers). ``data`` is (n, C, H, W) as read, ``frames`` the n 0-based frame indices."""
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data).all(axis=(1, 2, 3))
+        if bad.any():
+            raise DecodeAccelError(
+                f"frame(s) {_frame_list(frames[bad])} (0-based) hold NaN or infinite pixels", path=path,
+                field="pixel values", fix="replace them in the source data, e.g. numpy.nan_to_num with the camera "
+                                          "baseline, or choose a --frames range at least one frame away from them")
+    elif data.dtype.kind == "i":
+        low = data.min(axis=(1, 2, 3))
+        bad = low < 0
+        if bad.any():
+            raise DecodeAccelError(
+                f"frame(s) {_frame_list(frames[bad])} (0-based) hold negative pixels (down to {int(low.min())}); camera "
+                "counts (ADU) are never negative", path=path, field="pixel values",
+                fix="give the raw camera stack, not a background- or offset-subtracted one, or choose a --frames "
+                    "range at least one frame away from them")
 
 
 def parse_frames(spec: str | slice | tuple | None, n_frames: int | None = None,
@@ -58,6 +107,9 @@ def parse_frames(spec: str | slice | tuple | None, n_frames: int | None = None,
     else:
         raise DecodeAccelError(f"cannot read frame range {spec!r}", field=field, fix="write A:B")
     if n_frames is not None:
+        if n_frames == 0:
+            raise DecodeAccelError("the movie has no frames", field="inputs",
+                                   fix="give a movie with at least one frame; export it again if the recording was cut short")
         start, stop, _ = sl.indices(n_frames)
         if stop <= start:
             raise DecodeAccelError(f"frame range {spec!r} selects no frame of a {n_frames}-frame movie",
@@ -96,6 +148,10 @@ class _TiffSource:
         lead_axes, lead_shape = axes[:-2], shape[:-2]
         self.height, self.width = page_shape
         self.dtype = np.dtype(series.dtype)
+        if 0 in shape:
+            raise DecodeAccelError(f"holds no image data (series shape {shape})", path=self.path, field="frames",
+                                   fix="give a movie with at least one frame; export it again if the recording was cut short")
+        check_count_dtype(self.dtype, self.path)
         self._channel_pos = lead_axes.find("C") if "C" in lead_axes else None
         if self._channel_pos is not None and len(lead_axes) == 1:
             # A stack with a C axis and nothing else (tifffile's default for ImageJ stacks written
@@ -199,6 +255,7 @@ class _TiffSource:
                         f"({type(exc).__name__}: {exc})".replace("\n", " "),
                         path=self.path, fix="the file is truncated or corrupt; choose a --frames range before it "
                                             "or re-export the movie") from None
+        check_counts(out, frames, self.path)
         return out
 
     def close(self):
@@ -324,8 +381,13 @@ class ArrayMovie(Movie):
 
     def read(self, frames) -> np.ndarray:
         if isinstance(frames, slice):
-            return np.asarray(self._array[frames])
-        return np.asarray(self._array[np.atleast_1d(np.asarray(frames, dtype=np.int64))])
+            idx = np.arange(*frames.indices(self.n_frames))
+            out = np.asarray(self._array[frames])
+        else:
+            idx = np.atleast_1d(np.asarray(frames, dtype=np.int64))
+            out = np.asarray(self._array[idx])
+        check_counts(out, np.where(idx < 0, idx + self.n_frames, idx), None)
+        return out
 
     def close(self):
         pass

@@ -84,3 +84,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise DecodeAccelError(f"cannot write: {err.strerror or err}", path=path,
                                fix="free disk space or choose a writable folder") from None
+
+
+def writable_folder(path: str | os.PathLike, *, field: str | None = None,
+                    fix: str = "choose a folder you can write to") -> Path:
+    """Create folder ``path`` (and its parents) if needed and check that files can be created in it.
+
+    Raises:
+        DecodeAccelError: one line naming the folder, ``field`` (the setting or flag it came from) and
+            ``fix``, instead of the OSError (not a directory, permission denied, read-only file system).
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DecodeAccelError(f"cannot create this folder: {err.strerror or err}", path=folder, field=field,
+                               fix=fix) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DecodeAccelError("cannot write into this folder (permission denied or read-only file system)",
+                               path=folder, field=field, fix=fix)
+    return folder

@@ -313,7 +313,9 @@ def run_from_cli(argv: list[str], default_config: str | os.PathLike | None = Non
     train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
     run_dir = Path(args.output_dir) if args.output_dir else Path(config.checkpointing.save_dir).parent
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        from decode_accel.io._atomic import writable_folder
+        writable_folder(run_dir, field="--output_dir" if args.output_dir else "checkpointing.save_dir",
+                        fix="choose a folder you can write to, e.g. --output_dir runs/my_run")
         save_config(config, run_dir / "config.resolved.yaml")
     acc.print(f"decode_accel: {acc.num_processes} process(es) on {acc.device}, mixed precision "
               f"{acc.mixed_precision}, {trainer.settings.epochs} epoch(s) x "

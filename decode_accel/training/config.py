@@ -33,7 +33,7 @@ from decode_accel.errors import DecodeAccelError
 from decode_accel.io._atomic import atomic_write_text  # noqa: F401  (also part of this module's API)
 
 # The simulation and models rooms own their sections; the training tree embeds them unchanged.
-from decode_accel.models.config import ModelConfig
+from decode_accel.models.config import ARCHITECTURES, ModelConfig
 from decode_accel.simulation.config import SimulationConfig
 
 __all__ = [
@@ -495,6 +495,7 @@ class TrainingConfig(StrictModel):
         if self.loss.type == "GaussianMM" and n_model == 2:
             problems.append("loss.type GaussianMM is single-channel but the model reads 2 channels; use Unified or "
                             "RatioGaussianNLL")
+        problems += self._frame_size_problems()
         # regularization / training_strategy settings that the network implements
         reg = self.regularization
         if reg.dropout is not None:
@@ -534,6 +535,33 @@ class TrainingConfig(StrictModel):
         if problems:  # one per line: load_config reports each on its own line
             raise ValueError("\n".join(problems))
         return self
+
+    def _frame_size_problems(self) -> list[str]:
+        """The U-Net halves the frames ``depth`` times: simulated frames (of the simulation section and of
+        every curriculum stage) must have a height and width that are multiples of 2**depth."""
+        depth = self.model.model_kwargs().get("depth")
+        if depth is None:  # the class default (DECODE's 2)
+            depth = inspect.signature(ARCHITECTURES[self.model.architecture]).parameters["depth"].default
+        multiple = 2 ** int(depth)
+        origin = f"model.depth={depth}" if self.model.depth is not None else \
+            (f"depth {depth} of model.preset={self.model.preset}" if self.model.preset else f"depth {depth}")
+        sections = [("simulation", self.simulation.frame)]
+        for i, stage in enumerate(self.curriculum):
+            if stage.simulation:
+                try:
+                    sections.append((f"curriculum.{i}.simulation", self.simulation_for_stage(i).frame))
+                except (ValidationError, ValueError, KeyError):
+                    pass  # reported with the other curriculum problems
+        problems = []
+        for prefix, frame in sections:
+            for name in ("height", "width"):
+                value = getattr(frame, name)
+                if value % multiple:
+                    lower, upper = value - value % multiple, value - value % multiple + multiple
+                    choices = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+                    problems.append(f"{prefix}.frame.{name}={value} is not a multiple of {multiple} (2**depth, "
+                                    f"{origin}: the U-Net halves the frames {depth} times); use {choices}")
+        return problems
 
     def auto_scaling(self):
         """``model.scaling`` derived from the simulation (and every curriculum stage): DECODE's rules."""

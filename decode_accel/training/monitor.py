@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._atomic import writable_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,16 @@ class TrainingMonitor:
         self._closed = False
         if not is_main_process:
             return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(self.log_dir, field="monitoring.log_dir",
+                        fix="choose a folder you can write to, with --output_dir DIR or monitoring.log_dir=DIR")
         if use_jsonl:
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
+            try:
+                self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8", buffering=1)
+            except OSError as err:
+                raise DecodeAccelError(f"cannot write: {err.strerror or err}", path=self.log_dir / "metrics.jsonl",
+                                       field="monitoring.log_dir",
+                                       fix="choose a folder you can write to, with --output_dir DIR or "
+                                           "monitoring.log_dir=DIR") from None
         config = wandb_config.model_dump(mode="json") if hasattr(wandb_config, "model_dump") else wandb_config
         flat_config = _flatten(config) if config else {}
         if use_tensorboard:
