@@ -28,8 +28,12 @@ def test_auto_scaling_takes_the_largest_absolute_z_and_a_constant_background():
     assert s.bg_max == pytest.approx(60.0)
 
 
-def test_auto_scaling_of_2d_data_keeps_a_positive_z_range():
-    assert Scaling.auto(1000, 100, z_extent_nm=0, bg_max=10).z_max > 0
+def test_auto_scaling_of_2d_data_keeps_a_one_nanometre_z_range_and_3d_data_its_own():
+    # z_extent 0 (2D) would give z_max = 1.2 x 0 = 0 and an undefined z head; the rule keeps 1 nm instead,
+    # while any real z range, however small, still follows the 1.2 x max|z| rule
+    assert Scaling.auto(1000, 100, z_extent_nm=0, bg_max=10).z_max == 1.0
+    assert Scaling.auto(1000, 100, z_extent_nm=(0, 0), bg_max=10).z_max == 1.0
+    assert Scaling.auto(1000, 100, z_extent_nm=(-50, 20), bg_max=10).z_max == pytest.approx(60.0)
 
 
 @pytest.mark.parametrize("kwargs, field", [

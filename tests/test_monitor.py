@@ -139,12 +139,20 @@ def test_timers_report_each_phase_share_and_samples_per_second(tmp_path):
     assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["kind"] == "performance"
 
 
-def test_other_processes_write_nothing(tmp_path):
-    mon = TrainingMonitor(tmp_path / "rank1", is_main_process=False)
-    mon.log_batch_metrics(0, 0, {"train_loss": 1.0})
-    mon.log_epoch_metrics(0, {"loss": 1.0}, {"loss": 1.0})
-    mon.close()
-    assert not (tmp_path / "rank1").exists()
+def test_other_processes_write_nothing_of_what_the_main_process_writes(tmp_path):
+    written = {}
+    for rank in (0, 1):
+        mon = TrainingMonitor(tmp_path / f"rank{rank}", use_tensorboard=True, is_main_process=rank == 0)
+        mon.log_batch_metrics(0, 0, {"train_loss": 1.0})
+        mon.log_epoch_metrics(0, {"loss": 1.0}, {"loss": 1.0})
+        mon.log_event("divergence", step=0)
+        mon.close()
+        folder = tmp_path / f"rank{rank}"
+        written[rank] = sorted(p.relative_to(folder).parts[0] for p in folder.rglob("*")) if folder.exists() else []
+    # the same calls on the main process write the JSON lines and the TensorBoard events
+    assert {"metrics.jsonl", "tensorboard"} <= set(written[0])
+    assert [r["kind"] for r in read_jsonl(tmp_path / "rank0" / "metrics.jsonl")] == ["batch", "epoch", "divergence"]
+    assert written[1] == [] and not (tmp_path / "rank1").exists()
 
 
 def test_wandb_offline_writes_its_run_under_log_dir(tmp_path, monkeypatch):
