@@ -227,7 +227,8 @@ def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_pr
         accumulate_grad_batches=ts.accumulate_grad_batches, gradient_clip_val=ts.gradient_clipping or 0.0,
         early_stopping_patience=ts.early_stopping_patience, validate_every=mon.validate_every,
         log_every=mon.log_every, plot_every=mon.plot_every, save_dir=ck.save_dir, save_every=mon.save_every,
-        save_top_k=ck.save_top_k, monitor_metric=ck.monitor_metric, mode=ck.mode, seed=ts.seed, cpu=force_cpu,
+        save_top_k=ck.save_top_k, save_last=ck.save_last, monitor_metric=ck.monitor_metric, mode=ck.mode,
+        seed=ts.seed, cpu=force_cpu,
         compile=ts.compile, px_size_nm=float(config.simulation.frame.px_size))
     hook_list = list(build_hooks(config, teacher=teacher, initial_weights=getattr(loss_fn, "weights", None)))
     return trainer_cls(model=model, loss_fn=loss_fn, optimizer_config=optimizer_dict(config),

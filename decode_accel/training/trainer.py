@@ -90,6 +90,7 @@ class TrainerSettings(StrictModel):
     save_every: int = Field(1, ge=1, description="checkpoint every N epochs, and after the last (epochs)")
     save_every_n_steps: Optional[int] = Field(None, ge=1, description="also checkpoint every N updates (updates)")
     save_top_k: int = Field(3, ge=0, description="keep the k best checkpoints by monitor_metric (count)")
+    save_last: bool = Field(True, description="always keep the most recent checkpoint (the one to resume from)")
     monitor_metric: str = Field("val_loss", description="metric ranking checkpoints and driving early stopping")
     mode: Literal["min", "max"] = Field("min", description="min: lower monitor_metric is better")
     resume: bool = Field(False, description="continue from the last complete checkpoint in save_dir")
@@ -320,8 +321,8 @@ class BaseTrainer:
         if s.compile:
             self.model = torch.compile(self.model)
         # every real optimizer step (ours or an override's) is seen here: it defines an "update"
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.register_step_post_hook(lambda *_: setattr(self, "_stepped", True))
+        self._inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        self._inner_optimizer.register_step_post_hook(lambda *_: setattr(self, "_stepped", True))
         self.postprocessor = postprocessor
         self.config = config
         self.simulation_config = simulation_config if simulation_config is not None else getattr(config, "simulation",
@@ -528,13 +529,17 @@ class BaseTrainer:
         """Close an accumulation group: agree on vetoes, clip, step, zero the gradients; False if no update."""
         if not self.accelerator.sync_gradients:
             return False
+        # without a loss scaler, step the torch optimizer itself: Accelerate's wrapper looks up an optional
+        # package on disk at every step and zero_grad (milliseconds, a GPU step's worth); the gate on
+        # sync_gradients it adds is the one above
+        optimizer = self.optimizer if self.accelerator.scaler is not None else self._inner_optimizer
         if self._agree_skip():
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             return False
         with self._timed("optimizer"):
             self.clip_gradients()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return True
 
     def train_step(self, batch: dict):
@@ -742,7 +747,7 @@ class BaseTrainer:
             from decode_accel.training.checkpoint import CheckpointManager
             self.checkpoint_manager = CheckpointManager(s.save_dir, save_top_k=s.save_top_k,
                                                         monitor_metric=s.monitor_metric, mode=s.mode,
-                                                        save_every_n_epochs=1, save_last=True)
+                                                        save_every_n_epochs=1, save_last=s.save_last)
             if s.resume and self.checkpoint_manager.has_checkpoint():
                 self._restore(self.checkpoint_manager.load_last_checkpoint(rank=self.accelerator.process_index))
         elif s.resume:
