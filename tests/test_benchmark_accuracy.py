@@ -1,4 +1,11 @@
-"""The accuracy benchmark and the demo keep working (tiny budgets: their numbers mean nothing)."""
+"""The accuracy benchmark and the demo keep working.
+
+Their tiny budgets train for a handful of updates, so the network's own figures mean nothing there and
+are not asserted. What the tiny run can guarantee is checked instead: an oracle (the truth scored against
+itself) gets a perfect score through the same evaluation, the figures reported for the network are
+those of the table the run wrote, and the Picasso baseline, a classical fitter that does not train,
+finds the molecules of the 2D movie as well as it does on every machine.
+"""
 
 import json
 import os
@@ -26,6 +33,30 @@ def test_accuracy_benchmark_runs_end_to_end_in_tiny_mode_and_writes_its_table(tm
     assert isinstance(a["picasso"], dict) and 0 <= a["picasso"]["all"]["jaccard"] <= 1
     assert "crosstalk" in d["decode_accel"]["all"]
     assert (tmp_path / "runs" / "tiny" / "a_2d_low_density" / "learning_curve.png").stat().st_size > 0
+    check_what_a_tiny_run_guarantees(tmp_path / "runs" / "tiny", results)
+
+
+def check_what_a_tiny_run_guarantees(runs: Path, results: dict) -> None:
+    from decode_accel.evaluation import evaluate
+    from decode_accel.io import read_table
+
+    for key, folder in (("a", "a_2d_low_density"), ("d_low", "d_two_channel_low_density")):
+        result = results[key]
+        truth = read_table(runs / folder / "test_truth.csv")
+        ours = read_table(runs / folder / "test_locs.csv")
+        assert len(truth) == result["test_true_emitter_frames"] > 10  # the test movie holds molecules
+        # oracle: the truth as a localization table is found exactly, one to one
+        oracle = evaluate(truth, truth, px_size_nm=100.0)
+        assert oracle["jaccard"] == 1.0 and oracle["tp"] == len(truth) and oracle["rmse_lat"] == 0.0
+        # the reported figures are those of the table the run wrote (whatever the tiny network found)
+        again = evaluate(truth, ours, px_size_nm=100.0)
+        reported = result["decode_accel"]["all"]
+        assert (reported["n_gt"], reported["n_pred"], reported["tp"]) == (len(truth), len(ours), again["tp"])
+        assert reported["jaccard"] == again["jaccard"]
+    picasso = results["a"]["picasso"]
+    if isinstance(picasso, dict):  # Picasso is optional; on these fixed seeds it found 26 of 44, none false
+        assert picasso["all"]["jaccard"] > 0.4 and picasso["all"]["precision"] > 0.8
+        assert picasso["all"]["rmse_lat"] < 50.0  # a half-pixel convention error would add ~70 nm
 
 
 def test_demo_trains_predicts_and_prints_the_metrics_table(tmp_path):
