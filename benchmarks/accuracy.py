@@ -51,7 +51,7 @@ SCENARIOS = {
 BUDGETS = {
     # small network, small training frames: what 2 CPU cores can train in minutes
     # pipeline.CPU_TRAINING_OVERRIDES; low-density scenarios train at pipeline.MIN_TRAIN_DENSITY
-    "cpu": dict(overrides=pipeline.CPU_TRAINING_OVERRIDES, updates=3000,
+    "cpu": dict(overrides=pipeline.CPU_TRAINING_OVERRIDES, updates=pipeline.DEMO_UPDATES,
                 min_train_density=pipeline.MIN_TRAIN_DENSITY, minutes=None, test_frames=1000, tune_frames=60, cpu=True),
     # the scenario files unchanged (DECODE-size network); meant for one GPU
     "gpu": dict(overrides=[], updates=None, min_train_density=None, minutes=None, test_frames=1000, tune_frames=200,
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", choices=list(BUDGETS), default="cpu")
     parser.add_argument("--scenarios", default="a,b,c,d_low,d_high", help=f"comma list of {list(SCENARIOS)}")
     parser.add_argument("--updates", type=int, default=None,
-                        help="optimizer updates per scenario, a multiple of 100 (default: the budget's; cpu: 3000)")
+                        help="optimizer updates per scenario, a multiple of 100 (default: the budget's; cpu: the main job's, pipeline.DEMO_UPDATES)")
     parser.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap per scenario (min)")
     parser.add_argument("--out", default="benchmarks/results/accuracy", help="run folders")
     parser.add_argument("--json", default=None, help="write all results here")

@@ -496,8 +496,8 @@ def training_density_overrides(test_config, min_density: float | None = MIN_TRAI
     return []
 
 
-#: optimizer updates of the main job (about 6 minutes of training on a quiet 2-core machine)
-DEMO_UPDATES = 2000
+#: optimizer updates of the main job (about 5 minutes of training on a quiet 2-core machine)
+DEMO_UPDATES = 1200
 
 
 def demo_main(argv: list[str]) -> int:
@@ -510,7 +510,8 @@ def demo_main(argv: list[str]) -> int:
                         help="training config (scenario); default: 2D low density, challenge camera")
     parser.add_argument("--updates", type=int, default=DEMO_UPDATES,
                         help="optimizer updates (a multiple of 100); the same model on any machine, only slower")
-    parser.add_argument("--test-frames", type=int, default=100, help="frames of the held-out movie")
+    parser.add_argument("--test-frames", type=int, default=300,
+                        help="frames of the held-out movie (300: the mean error is known to about 0.5 nm)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
