@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from decode_accel.errors import DecodeAccelError
-from decode_accel.evaluation.diagnostics import (detection_reliability, gridding_report, plot_trust,
+from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report, plot_trust,
                                                  subpixel_uniformity, uncertainty_reliability)
 
 PX = 100.0
@@ -103,3 +103,17 @@ def test_the_trust_figure_is_written(tmp_path):
     path = plot_trust(tmp_path / "trust.png", gridding_report(gt, pred, PX), detection_reliability(gt, pred),
                       uncertainty_reliability(gt, pred), title="test")
     assert path.stat().st_size > 10_000
+
+
+def test_a_compressed_z_axis_shows_as_opposite_biases_at_the_two_ends():
+    rng = np.random.default_rng(4)
+    n = 4000
+    gt = pd.DataFrame({"frame": np.arange(n), "x": rng.uniform(0, 3000, n), "y": rng.uniform(0, 3000, n),
+                       "z": rng.uniform(-500, 500, n)})
+    pred = gt.copy()
+    pred["z"] = 0.8 * gt["z"] + rng.normal(0, 20, n)  # slope 0.8: z squeezed towards the focal plane
+    rep = bias_by_true_value(gt, pred, "z", edges=[-500, -250, 250, 500])
+    assert rep["bias"][0] == pytest.approx(+75, abs=5)  # 0.2 x mean |z| of the bin (375 nm)
+    assert rep["bias"][1] == pytest.approx(0, abs=3)
+    assert rep["bias"][2] == pytest.approx(-75, abs=5)
+    assert sum(rep["count"]) == n

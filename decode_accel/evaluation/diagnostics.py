@@ -153,6 +153,33 @@ def uncertainty_reliability(gt: pd.DataFrame, pred: pd.DataFrame, axes: tuple[st
     return out
 
 
+def bias_by_true_value(gt: pd.DataFrame, pred: pd.DataFrame, column: str = "z", edges=None, *,
+                       error_of: str | None = None, use_z: bool = True, dist_lat: float = 250.0,
+                       dist_ax: float = 500.0) -> dict[str, Any]:
+    """Mean error of ``error_of`` (default: ``column``) in bins of the true ``column``.
+
+    For 3D data, the mean z error in bins of true z shows a depth-dependent offset (a compressed or
+    stretched z axis) that the overall bias hides.
+
+    Returns {"edges", "bias" (nm per bin), "rmse", "count"}.
+    """
+    gt, pred, gi, pi = _matches(gt, pred, use_z, dist_lat, dist_ax)
+    error_of = error_of or column
+    true = gt[column].to_numpy(np.float64)[gi]
+    err = pred[error_of].to_numpy(np.float64)[pi] - gt[error_of].to_numpy(np.float64)[gi]
+    if edges is None:
+        edges = np.linspace(np.min(true), np.max(true) + 1e-9, 9) if len(true) else np.array([0.0, 1.0])
+    edges = np.asarray(edges, dtype=np.float64)
+    which = np.digitize(true, edges) - 1
+    bias, rmse, count = [], [], []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        count.append(int(sel.sum()))
+        bias.append(float(np.mean(err[sel])) if sel.any() else float("nan"))
+        rmse.append(float(np.sqrt(np.mean(err[sel] ** 2))) if sel.any() else float("nan"))
+    return {"edges": edges.tolist(), "bias": bias, "rmse": rmse, "count": count}
+
+
 def plot_trust(path: str | Path, gridding: dict, detection: dict | None, uncertainty: dict | None,
                title: str = "") -> Path:
     """One PNG: sub-pixel histograms (x, y; prediction and truth), detection and uncertainty reliability."""
@@ -208,4 +235,4 @@ def plot_trust(path: str | Path, gridding: dict, detection: dict | None, uncerta
 
 
 __all__ = ["subpixel_uniformity", "gridding_report", "detection_reliability", "uncertainty_reliability",
-           "plot_trust", "WITHIN_ONE_SIGMA"]
+           "bias_by_true_value", "plot_trust", "WITHIN_ONE_SIGMA"]
