@@ -88,3 +88,29 @@ def test_fixed_roi_training_crop(tmp_path):
     b = Simulator(cfg).sample_windows(8, torch.Generator().manual_seed(0), with_adu=True)
     dark = b["frames_adu"][:, 0].mean((0, 1)).numpy()
     assert np.abs(dark - offset[8:24, 40:56]).mean() < 1.0
+
+
+def test_predict_converts_a_movie_with_its_region_of_the_chip(tmp_path):
+    from decode_accel.inference.predict import predict
+    from decode_accel.models.config import build_model
+
+    path, offset, var, gain = _chip(tmp_path)
+    cam = Camera(CameraConfig(kind="scmos", qe=1.0, scmos_maps=str(path)), (16, 16))
+    torch.manual_seed(0)
+    net = build_model({"architecture": "SigmaMUNet", "preset": "tiny", "z_enabled": False}).eval()
+    r, c = 16, 32
+    movie = (offset[r:r + 16, c:c + 16] + 5.0 / gain[r:r + 16, c:c + 16])[None].repeat(3, 0).astype(np.float32)
+    with pytest.raises(DecodeAccelError, match="roi_origin"):
+        predict(net, movie, camera=cam, px_size_nm=100.0, progress=False)
+    seen = {}
+    roi_cam = cam.with_roi((r, c))
+    original = roi_cam.to_photons
+
+    def spy(adu, origin=None):
+        out = original(adu, origin)
+        seen["photons"] = out
+        return out
+
+    roi_cam.to_photons = spy
+    predict(net, movie, camera=roi_cam, px_size_nm=100.0, progress=False, threshold=0.99)
+    assert torch.allclose(seen["photons"], torch.full_like(seen["photons"], 5.0), atol=1e-3)
