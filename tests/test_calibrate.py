@@ -249,3 +249,17 @@ def test_per_axis_psf_config_round_trips():
     cfg = SimulationConfig(psf=PSFConfig(kind="astigmatic", **KNOWN))
     again = SimulationConfig.model_validate(cfg.model_dump())
     assert again.psf.astigmatic_axes() == cfg.psf.astigmatic_axes()
+
+
+def test_maps_without_variance_get_the_read_noise_from_the_movie(tmp_path):
+    rng = np.random.default_rng(4)
+    H = W = 64
+    np.savez(tmp_path / "partial.npz", offset_adu=(100 + rng.random((H, W))).astype(np.float32),
+             e_per_adu=np.full((H, W), 0.5, np.float32))
+    cam = {"kind": "scmos", "qe": 1.0, "scmos_maps": str(tmp_path / "partial.npz"), "read_noise": 2.0}
+    path, _ = _movie(tmp_path, camera=cam, H=H, W=W, T=12)
+    res = calibrate(path, px_size=TRUE["px"], scmos_maps=str(tmp_path / "partial.npz"), frame_size=32,
+                    match_density=False)
+    # not the EMCCD default of 74 e-: estimated from the movie (2 e- simulated; floor and blinks add a little)
+    assert 0.5 < res.simulation.camera.read_noise < 4.0
+    assert any(e.name == "read noise" and e.source == "estimated" for e in res.estimates)

@@ -98,7 +98,8 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
             cam["baseline"] = float(args["baseline"])
         if args.get("e_per_adu") is not None:
             cam["e_per_adu"] = float(args["e_per_adu"])
-        return cam
+        return _complete_maps(cam, args, movie, est)
+
     kind = kind or "scmos"
     if kind == "perfect":
         cam["kind"] = "perfect"
@@ -160,6 +161,36 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
     cam.update(baseline=float(baseline), e_per_adu=float(e_per_adu))
     if kind == "scmos":
         cam["read_noise"] = float(rn)
+    return cam
+
+
+def _complete_maps(cam: dict, args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
+    """sCMOS maps given: estimate from the movie what the maps and options leave open (conversion, read noise)."""
+    from decode_accel.simulation import Camera
+    from decode_accel.simulation.config import CameraConfig
+
+    from .camera_estimate import mean_variance
+
+    have = Camera(CameraConfig(**cam))._maps
+    need_gain = "e_per_adu" not in have and args.get("e_per_adu") is None
+    need_read = "variance" not in have and args.get("read_noise") is None
+    if "offset" not in have:
+        est.append(Estimate("offset", float(cam.get("baseline", 100.0)), None, "ADU",
+                            "given" if args.get("baseline") is not None else "assumed", "no offset map"))
+    if not (need_gain or need_read):
+        return cam
+    offset = have["offset"].numpy() if "offset" in have else float(cam.get("baseline", 100.0))
+    fit = mean_variance(movie, offset=offset)
+    if need_gain:
+        cam["e_per_adu"] = float(1.0 / fit.slope)
+        est.append(Estimate("conversion", cam["e_per_adu"], fit.slope_sd / fit.slope ** 2, "e-/ADU", "estimated",
+                            "no conversion map: 1 / mean-variance slope"))
+    if need_read:
+        gain = have["e_per_adu"].median().item() if "e_per_adu" in have else cam.get("e_per_adu", 1.0)
+        r = max(fit.read_var or 0.0, 0.0)
+        cam["read_noise"] = float(np.sqrt(r) * gain)
+        est.append(Estimate("read noise", cam["read_noise"], None, "e- rms", "estimated",
+                            f"no variance map: intercept of the mean-variance line, {r:.3g} ADU²"))
     return cam
 
 
