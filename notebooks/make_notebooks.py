@@ -440,6 +440,10 @@ ax.set(xlabel="measured ratio r (fraction of photons in channel 1)", ylabel="loc
 ax.legend()
 plt.show()
 
+from decode_accel.io import write_table
+
+write_table(table, OUT / "02_localizations.csv")   # ThunderSTORM CSV with ratio and color columns
+write_table(truth, OUT / "02_truth.csv")
 summary = {"n_gt": metrics["n_gt"], "n_pred": metrics["n_pred"], "tp": metrics["tp"],
            "crosstalk": metrics.get("crosstalk"), "ratio_rmse": metrics.get("ratio_rmse"),
            "ratio_crlb": RATIO_CRLB, "export_dir": str(export_dir)}

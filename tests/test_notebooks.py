@@ -113,23 +113,48 @@ def test_01_trains_a_single_channel_model_and_exports_it(workdir, monkeypatch):
     out = _execute(NAMES[0], workdir, monkeypatch)
     summary = _summary(out, "01")
     assert summary["updates"] == 100
-    assert summary["last_loss"] < summary["first_loss"]
-    # an untrained network detects nothing (JI 0); a hundred updates already find a good part of the molecules
-    assert summary["jaccard"] > 0.1
-    assert 0 < summary["rmse_lat_nm"] < 250  # inside the 250 nm matching gate by definition
+    assert summary["last_loss"] < 0.6 * summary["first_loss"]
+    # an untrained network detects nothing (JI 0). A hundred updates find most molecules: JI 0.79-0.86 and
+    # 29-42 nm over 8 runs (seeds 0-5, AVX2 and AVX kernels), so these bounds hold with a wide margin
+    assert summary["jaccard"] > 0.4
+    assert 0 < summary["rmse_lat_nm"] < 100
     _assert_export(out / "01_single_channel_model", n_channels=1)
 
 
 def test_02_trains_a_two_channel_model_and_assigns_colours(workdir, monkeypatch):
     out = _execute(NAMES[1], workdir, monkeypatch)
     summary = _summary(out, "02")
-    assert summary["n_gt"] > 0 and 0 <= summary["tp"] <= summary["n_gt"]
-    if summary["tp"]:
-        assert 0.0 <= summary["crosstalk"] <= 1.0
+    # QUICK training finds most molecules (tp 76-78 of 93 over the runs tried) but has not learned the
+    # ratio yet (crosstalk 0.35-0.68, chance is 0.5): detection is asserted, the colour figures are checked
+    # against the written tables and the dye table instead of against a level
+    assert summary["n_gt"] > 20 and summary["n_gt"] / 2 < summary["tp"] <= summary["n_gt"]
+    assert 0.0 <= summary["crosstalk"] <= 1.0
+    check_colours_against_the_tables(out, summary)
     # the ratio CRLB at 4000 photons is a few hundredths (0.019 at 1000 photons, r = 0.5, b = 10, Poisson)
     assert 0.0 < summary["ratio_crlb"] < 0.05
     meta = _assert_export(out / "02_two_channel_model", n_channels=2)
     assert sorted(d["ratio"] for d in meta["dye_table"]) == [0.25, 0.75]
+
+
+def check_colours_against_the_tables(out: Path, summary: dict) -> None:
+    """Recompute notebook 02's figures from the tables it wrote: the crosstalk is the fraction of matched
+    molecules given the other dye's colour, and every colour given is the dye whose ratio is nearer."""
+    from decode_accel.evaluation import match_localizations
+    from decode_accel.io import read_table
+
+    truth, table = read_table(out / "02_truth.csv"), read_table(out / "02_localizations.csv")
+    assert len(truth) == summary["n_gt"] and len(table) == summary["n_pred"]
+    gi, pi = match_localizations(truth, table)
+    assert len(gi) == summary["tp"]
+    true_colour, given = truth["color"].to_numpy()[gi], table["color"].to_numpy()[pi]
+    coloured = given >= 0
+    assert coloured.sum() > 0
+    assert summary["crosstalk"] == pytest.approx(float(np.mean(given[coloured] != true_colour[coloured])))
+    # dyes: r = 0.25 (colour 0) and r = 0.75 (colour 1) with equal spreads and priors, so the posterior
+    # gives the nearer dye: colour 1 exactly when r > 0.5 (a young network's ratios all sit near 0.5)
+    ratio, colour = table["ratio"].to_numpy(), table["color"].to_numpy()
+    clear = (colour >= 0) & (np.abs(ratio - 0.5) > 1e-3)
+    assert clear.sum() > 0 and np.array_equal(colour[clear], (ratio[clear] > 0.5).astype(int))
 
 
 def test_03_localizes_a_tiff_movie_renders_it_and_compares_with_the_crlb(workdir, monkeypatch):
@@ -147,7 +172,9 @@ def test_03_localizes_a_tiff_movie_renders_it_and_compares_with_the_crlb(workdir
         assert csv["frame"].min() >= 1  # ThunderSTORM frames are 1-based
         assert csv["x [nm]"].between(0, 48 * 100).all()
     assert (out / "03_render.png").stat().st_size > 0
-    assert summary["tp"] > 0
+    # the model of notebook 01 on a larger, held-out movie: JI 0.80-0.85, 24-38 nm over 6 runs tried
+    assert summary["tp"] > summary["n_truth"] / 2 and summary["jaccard"] > 0.4
+    assert summary["rmse_lat_nm"] < 100
     # no unbiased estimator beats the CRLB; the quick network is well above it
     assert 0 < summary["crlb_x_rms_nm"] < summary["rmse_x_nm"]
 
