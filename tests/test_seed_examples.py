@@ -66,7 +66,8 @@ def test_multi_channel_training_example(tmp_path):
         optimizer_config={'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4},
         scheduler_config={'type': 'CosineAnnealingLR', 'T_max': 100, 'eta_min': 1e-6},
         device='cuda', mixed_precision=True, cpu=True,
-        postprocessor=PostProcessor(px_size_nm=100.0, dye_table=dye_table(sim)))
+        # (a low threshold, so that the untrained network's detections reach the evaluation)
+        postprocessor=PostProcessor(px_size_nm=100.0, dye_table=dye_table(sim), threshold=0.01))
     training_history = trainer.train(
         train_loader=train_loader, val_loader=val_loader, epochs=2, save_dir=str(tmp_path / 'ckpt'),
         save_every=1, validate_every=1, early_stopping_patience=15, steps_per_epoch=2)
@@ -83,10 +84,11 @@ def test_multi_channel_training_example(tmp_path):
     assert training_history['lr'] == pytest.approx(expected, rel=1e-9)
     last = training_history['val_metrics'][-1]
     # the two-channel loss terms are logged by name, and the table metrics are computed against the truth
-    assert {'val_ratio_loss', 'val_conservation_loss', 'jaccard', 'n_gt', 'tp', 'fn'} <= set(last)
+    assert {'val_ratio_loss', 'val_conservation_loss', 'jaccard', 'n_gt', 'n_pred', 'tp', 'fp', 'fn'} <= set(last)
     n_true = sum(int(b['tgt_mask'].sum()) for b in val_loader)
     assert n_true > 0 and last['n_gt'] == n_true and last['tp'] + last['fn'] == n_true
-    assert 0.0 <= last['jaccard'] <= 1.0
+    assert last['n_pred'] > 0 and last['tp'] + last['fp'] == last['n_pred']
+    assert last['jaccard'] == pytest.approx(last['tp'] / (last['tp'] + last['fp'] + last['fn']))
 
 
 def test_single_channel_training_example():
