@@ -1,0 +1,103 @@
+"""The operating point: the detection threshold is chosen at training on a tuning movie of the training
+physics, stored in the export, and used by predict unless the user gives another."""
+
+import importlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from decode_accel import pipeline
+from decode_accel.errors import DecodeAccelError
+from decode_accel.hub import export_model, load_exported
+from decode_accel.io import read_table
+from decode_accel.models import SigmaMUNet
+from decode_accel.simulation.config import SimulationConfig
+from tests.numerics import randomize_output_layers
+
+# the module (decode_accel.inference re-exports the function under the same name)
+predict_module = importlib.import_module("decode_accel.inference.predict")
+
+
+def sim_config():
+    return SimulationConfig(frame={"height": 16, "width": 16, "px_size": 100.0}, camera={"preset": "challenge2016"},
+                            emitters={"density": 1.0, "photons_mean": 2000.0, "photons_sd": 200.0,
+                                      "z_range": [0.0, 0.0]},
+                            psf={"kind": "gaussian", "sigma": 1.0}, background={"uniform": [20.0, 30.0]})
+
+
+def noisy_model():
+    """A network with random output layers and a detection prior high enough to report many candidates."""
+    torch.manual_seed(0)
+    model = randomize_output_layers(SigmaMUNet.from_preset("tiny", z_enabled=False), seed=1)
+    with torch.no_grad():
+        model.heads["p"][-1].bias.fill_(-1.0)
+    return model.eval()
+
+
+def movie(tmp_path):
+    adu = (100 + 50 * np.random.default_rng(0).random((6, 16, 16))).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "m.tif", adu)
+    return tmp_path / "m.tif"
+
+
+def test_predict_uses_the_exports_threshold_unless_told_otherwise(tmp_path):
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config(),
+                          operating_point={"threshold": 0.6, "chosen_on": "a test"})
+    assert load_exported(export).threshold == 0.6
+    tif = movie(tmp_path)
+    by_default = predict_module.predict(export, tif, progress=False)
+    at_06 = predict_module.predict(export, tif, threshold=0.6, progress=False)
+    at_03 = predict_module.predict(export, tif, threshold=0.3, progress=False)
+    assert len(at_03) > len(at_06) > 0  # the threshold matters on this movie
+    pd.testing.assert_frame_equal(by_default, at_06)
+    assert by_default["prob"].min() >= 0.6
+    card = (export / "README.md").read_text()
+    assert "detection probability >= 0.6 by default (chosen on a test" in card
+
+
+def test_an_export_without_an_operating_point_keeps_the_post_processors_default(tmp_path):
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())
+    assert load_exported(export).threshold is None
+    tif = movie(tmp_path)
+    pd.testing.assert_frame_equal(predict_module.predict(export, tif, progress=False),
+                                  predict_module.predict(export, tif, threshold=0.3, progress=False))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5, "high", None])
+def test_an_impossible_threshold_is_refused_when_exporting(tmp_path, threshold):
+    with pytest.raises(DecodeAccelError, match="operating_point.threshold"):
+        export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config(),
+                     operating_point={"threshold": threshold})
+
+
+def test_the_threshold_with_the_best_jaccard_index_on_the_tuning_movie_is_chosen_and_stored(tmp_path, monkeypatch):
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())
+    seen = {}
+
+    def fake_predict(model, tiff, threshold=None, **kwargs):
+        """Every true emitter found at p = 0.8 and one false detection per frame at p = 0.4."""
+        seen["threshold"], seen["tiff"] = threshold, tiff
+        truth = read_table(str(tiff).replace(".tif", "_truth.csv"))
+        real = truth[["frame", "x", "y"]].assign(prob=0.8)
+        fake = pd.DataFrame({"frame": np.arange(40), "x": 10.0, "y": 10.0, "prob": 0.4})
+        table = pd.concat([real, fake], ignore_index=True)
+        return table[table["prob"] >= threshold].reset_index(drop=True)
+
+    monkeypatch.setattr(predict_module, "predict", fake_predict)
+    point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
+    # one prediction pass at the lowest candidate; then every candidate is scored
+    assert seen["threshold"] == min(pipeline.THRESHOLD_CANDIDATES)
+    assert "tuning" in str(seen["tiff"])
+    # any threshold in (0.4, 0.8] keeps exactly the real ones; the tie goes to the one nearest 0.5
+    assert point["threshold"] == pytest.approx(0.5)
+    assert point["precision"] == 1.0 and point["recall"] == 1.0 and point["jaccard"] == 1.0
+    low = next(c for c in point["candidates"] if c["threshold"] == pytest.approx(0.3))
+    assert low["precision"] < 1.0
+    # the tuning movie is not one of the reported held-out movies
+    assert point["tuning_seed"] >= pipeline.TUNING_SEED_BASE > pipeline.held_out_seed(10**6)
+    stored = json.loads((export / "decode_accel.json").read_text())["operating_point"]
+    assert stored["threshold"] == pytest.approx(0.5) and load_exported(export).threshold == pytest.approx(0.5)
