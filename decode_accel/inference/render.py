@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import erf
 
 from decode_accel.errors import DecodeAccelError
 
@@ -111,6 +110,8 @@ def _axis_weights(c, s, n, px, r):
     centre = np.floor(c / px).astype(np.int64)
     start = centre - r
     edges = (start[:, None] + np.arange(2 * r + 2)[None, :]) * px  # pixel edges in nm
+    from scipy.special import erf  # here, not at import: predict's start-up does not pay for scipy
+
     cdf = 0.5 * (1.0 + erf((edges - c[:, None]) / (math.sqrt(2.0) * s[:, None])))
     weights = np.diff(cdf, axis=1)  # (n, 2r + 1)
     idx = start[:, None] + np.arange(2 * r + 1)[None, :]
