@@ -56,6 +56,9 @@ class LoaderConfig(StrictModel):
     persistent_workers: bool = Field(False, description="keep worker processes alive between epochs (-)")
     sim_device: str = Field("cpu", description="device that runs the on-the-fly simulator: 'cpu' or 'cuda' "
                                                "('cuda' needs num_workers 0 and pin_memory false) (-)")
+    whole_batches: bool | None = Field(
+        None, description="a simulated stream yields each batch as one simulator call, not split into samples and "
+                          "re-padded; needs clips_per_call = batch_size; None = on when sim_device is not the CPU (-)")
     clips_per_call: int | None = Field(
         None, ge=1, description="simulated clips per vectorised simulator call; must divide batch_size; None = "
                                 "batch_size (fastest); part of the stream's seed (clips)")
@@ -67,6 +70,16 @@ class LoaderConfig(StrictModel):
         if self.clips_per_call is not None and self.batch_size % self.clips_per_call:
             raise ValueError(f"clips_per_call {self.clips_per_call} does not divide batch_size {self.batch_size}")
         return self
+
+
+class _BatchTransform:
+    """The batch transforms of a loader whose dataset yields whole batches (picklable)."""
+
+    def __init__(self, transforms: Callable[[dict], dict] | None = None):
+        self.transforms = transforms
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch if self.transforms is None else self.transforms(batch)
 
 
 class BatchCollator:
@@ -173,6 +186,11 @@ def create_dataloader(data_path: str | os.PathLike | None = None, config: Mappin
     collate = BatchCollator(transforms if train else None)
     workers = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                    persistent_workers=cfg.persistent_workers and cfg.num_workers > 0)
+    whole = cfg.whole_batches if cfg.whole_batches is not None else not cfg.sim_device.startswith("cpu")
+    if whole and hasattr(ds, "yield_batches") and (cfg.clips_per_call or cfg.batch_size) == cfg.batch_size:
+        ds.yield_batches = True  # the stream yields batch dicts: no automatic batching
+        return DataLoader(ds, batch_size=None, collate_fn=_BatchTransform(transforms if train else None),
+                          generator=torch.Generator().manual_seed(cfg.seed), **workers)
     if isinstance(ds, torch.utils.data.IterableDataset):
         return DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate, drop_last=False,
                           generator=torch.Generator().manual_seed(cfg.seed), **workers)

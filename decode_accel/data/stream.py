@@ -231,6 +231,10 @@ class SimulatedWindowStream(IterableDataset):
         self.stream_id = STREAM_IDS[stream_id] if isinstance(stream_id, str) else int(stream_id)
         self.simulator_factory = simulator_factory
         self.device = torch.device(device)
+        #: yield whole chunks as batch dicts (already padded) instead of single samples; set by
+        #: create_dataloader when a batch is one chunk (``whole_batches``): no per-sample split, re-pad or
+        #: host sync, which on a GPU cost about 3 syncs per sample (issue 15.3)
+        self.yield_batches = False
         self.samples_produced = 0  # counted in the process that iterates (the main process when num_workers=0)
         self._simulators: dict[str, Any] = {}
 
@@ -311,6 +315,21 @@ class SimulatedWindowStream(IterableDataset):
                         "tgt_ratio": batch["tgt_ratio"][b][m].float()})
         return out
 
+    def simulate_chunk_batch(self, q: int) -> dict[str, torch.Tensor]:
+        """Chunk ``q`` as one batch dict (the :func:`collate_samples` layout), without splitting it into samples."""
+        k = self.clips_per_call
+        if k == 1:
+            from decode_accel.data.targets import collate_samples
+            return collate_samples(self.simulate_chunk(q))
+        sim, _ = self._stage(self.overrides_for(q * k))
+        gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.base_seed, q, self.stream_id, k))
+        batch = sim.sample_windows(k, gen)
+        mask = batch["tgt_mask"]
+        return {"tgt_xyz": batch["tgt_xyz"].float(), "tgt_photons": batch["tgt_photons"].float(),
+                "tgt_ratio": batch["tgt_ratio"].float(), "tgt_mask": mask,
+                "frames": batch["frames"].float().contiguous(), "bg": batch["bg"].float().contiguous(),
+                "sample_index": torch.arange(q * k, q * k + k, dtype=torch.int64)}
+
     def make_sample(self, index: int) -> dict[str, torch.Tensor]:
         """Simulate global sample ``index`` alone (its whole chunk is simulated and the rest dropped)."""
         k = self.clips_per_call
@@ -326,7 +345,14 @@ class SimulatedWindowStream(IterableDataset):
             q = self.start_index // k + self.rank + self.world_size * n
             if self.num_samples is not None and q * k >= self.num_samples:
                 return
-            if (n // chunks_per_block) % n_workers == worker:
+            if (n // chunks_per_block) % n_workers == worker and self.yield_batches:
+                batch = self.simulate_chunk_batch(q)
+                if self.num_samples is not None and q * k + k > self.num_samples:  # the last, partial chunk
+                    keep = self.num_samples - q * k
+                    batch = {key: v[:keep] for key, v in batch.items()}
+                self.samples_produced += len(batch["sample_index"])
+                yield batch
+            elif (n // chunks_per_block) % n_workers == worker:
                 for sample in self.simulate_chunk(q):
                     if self.num_samples is not None and int(sample["sample_index"]) >= self.num_samples:
                         return

@@ -108,6 +108,9 @@ def build_loaders(config, *, rank: int = 0, world_size: int = 1):
     data = config.data
     common = {"batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.training_strategy.seed,
               "label_photon_min": data.label_photon_min}
+    sim_device = data.resolved_sim_device() if hasattr(data, "resolved_sim_device") else "cpu"
+    if sim_device != "cpu":
+        common["sim_device"] = sim_device  # simulate on the accelerator (issue 15.3: CPU simulation starves a GPU)
     n_ch = config.simulation.channels.n_channels
     train = create_dataloader(data.data_path, {**common, "val_samples": max(1, data.val_samples)}, "train",
                               simulation_config=config.simulation, n_channels=n_ch, rank=rank, world_size=world_size)
@@ -210,6 +213,8 @@ def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_pr
     if mixed_precision is None and ("mixed_precision" in ts.model_fields_set
                                     or not os.environ.get("ACCELERATE_MIXED_PRECISION")):
         mixed_precision = ts.mixed_precision
+        if mixed_precision == "auto":  # the default: bf16 on accelerators, fp32 on the CPU (issue 15.3)
+            mixed_precision = "no" if on_cpu else "bf16"
         if on_cpu and mixed_precision != "no":
             # the config asks for autocast, which pays on GPUs; on a CPU without bf16 units it is ~10x slower
             logger.info("training on the CPU: using fp32 instead of %s (pass --mixed_precision %s to force it)",

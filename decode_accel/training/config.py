@@ -85,12 +85,27 @@ class DataConfig(StrictModel):
     label_photon_min: Optional[float] = Field(
         None, ge=0, description="emitter-frames with fewer photons are left out of the targets (photons); null uses "
                                 "simulation.emitters.label_min_photons (also for HDF5 data)")
+    sim_device: str = Field(
+        "auto", description="device of the on-the-fly simulator: 'auto' (the GPU when one is present and "
+                            "num_workers is 0, else the CPU), 'cpu', 'cuda' or 'cuda:N' (-)")
 
     @model_validator(mode="after")
     def _epoch_length(self) -> "DataConfig":
         if self.samples_per_epoch is None and self.steps_per_epoch is None:
             raise ValueError("give samples_per_epoch or steps_per_epoch")
+        if not (self.sim_device in ("auto", "cpu") or self.sim_device.startswith("cuda")):
+            raise ValueError(f"data.sim_device {self.sim_device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.sim_device.startswith("cuda") and self.num_workers:
+            raise ValueError("data.sim_device 'cuda' simulates in the training process: set data.num_workers 0")
         return self
+
+    def resolved_sim_device(self) -> str:
+        """The simulator's device: 'auto' is 'cuda' when a GPU is present and num_workers is 0, else 'cpu'."""
+        if self.sim_device != "auto":
+            return self.sim_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() and self.num_workers == 0 and self.data_path is None else "cpu"
 
     def label_min_photons(self, simulation: Any = None) -> float:
         """The label photon threshold (photons): this section's value, else the simulation's, else 0."""
@@ -271,9 +286,9 @@ class TrainingStrategyConfig(StrictModel):
     """How the optimisation runs: length, precision, accumulation, stopping, speed-ups, seed."""
 
     epochs: int = Field(100, ge=1, description="training epochs (count)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="autocast precision: no (fp32), bf16 or fp16; true means bf16. bf16 is ~10x slower on "
-                          "CPUs without bf16 units")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision: auto (bf16 on a GPU, fp32 on the CPU), no (fp32), bf16 or fp16; "
+                            "true means bf16. bf16 is ~10x slower on CPUs without bf16 units")
     gradient_clipping: Optional[float] = Field(
         0.03, gt=0, validation_alias=AliasChoices("gradient_clipping", "gradient_clip_val"),
         description="clip the global gradient norm to this value (L2 norm); null disables")
