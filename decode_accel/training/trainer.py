@@ -26,7 +26,7 @@ Host synchronisation: none per micro-batch. Loss terms are summed on the device 
 epoch (and by the monitor every ``log_every`` updates); a veto (``DivergenceGuard``) is read once per
 optimizer update, like ``torch.amp.GradScaler``'s inf check; with several processes, stop requests
 (early stopping, pre-emption, time budgets) are agreed every ``sync_every`` updates and at every epoch
-end, in one small all-reduce owned by the trainer (hooks only set flags).
+end (every update on the CPU), in one small all-reduce owned by the trainer (hooks only set flags).
 
 Units: the batch and the model output follow docs/architecture.md (photons, px, nm); the validation
 tables are in nm, built with ``px_size_nm``.
@@ -104,8 +104,10 @@ class TrainerSettings(StrictModel):
     compile: bool = Field(False, description="torch.compile the prepared model")
     px_size_nm: Optional[float] = Field(None, gt=0, description="pixel size of the validation tables (nm); "
                                                                 "default the postprocessor's")
-    sync_every: int = Field(16, ge=1, description="with several processes: optimizer updates between "
-                                                  "agreements on stop requests (updates)")
+    sync_every: Optional[int] = Field(
+        None, ge=1, description="with several processes: optimizer updates between agreements on stop requests "
+                                "(updates); default 1 on the CPU (an all-reduce is nothing next to a CPU update, "
+                                "and a pre-emption grace period is short), 16 on accelerators")
 
     @field_validator("save_dir", "export_dir", mode="before")
     @classmethod
@@ -667,7 +669,8 @@ class BaseTrainer:
             self.lr_schedule.step()
         self.global_step += 1
         self._fire("on_step_end", terms)
-        if self.accelerator.num_processes == 1 or self.global_step % self.settings.sync_every == 0:
+        every = self.settings.sync_every or (1 if self.device.type == "cpu" else 16)
+        if self.accelerator.num_processes == 1 or self.global_step % every == 0:
             self._agree_stop()
         n = self.settings.save_every_n_steps
         if n and self.global_step % n == 0 and not self._stop_now:
