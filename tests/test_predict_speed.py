@@ -84,3 +84,10 @@ def test_cpu_batches_hold_half_a_megapixel():
     assert predict_module._auto_batch_size(plan, torch.device("cpu")) == 128
     plan = predict_module.plan_tiles(256, 256, tile_size=512, margin=0, stride=4)
     assert predict_module._auto_batch_size(plan, torch.device("cpu")) == 8
+
+
+def test_the_cli_process_lets_glibc_reuse_large_blocks():
+    import sys
+
+    ok = predict_module._reuse_large_blocks()  # process-wide: harmless in a test process
+    assert ok or not sys.platform.startswith("linux") or predict_module._MALLOC_TRIM is None
