@@ -283,3 +283,22 @@ def test_an_endless_stream_without_an_epoch_length_is_refused():
     trainer = make_trainer()
     with pytest.raises(DecodeAccelError, match="steps_per_epoch"):
         trainer.train(stream_loaders(tiny_simulation())[0], None, epochs=1)
+
+
+def test_accumulation_still_groups_micro_batches_after_an_earlier_loop_left_a_dataloader_unfinished():
+    # Accelerate's GradientState is shared by every Accelerator of a process: a prepared DataLoader that an
+    # earlier loop abandoned stays "active" and "at its end" and used to make every micro-batch an update.
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    abandoned = accelerator.prepare(torch.utils.data.DataLoader(list(range(4)), batch_size=2))
+    iterator = iter(abandoned)
+    next(iterator), next(iterator)  # the loader reaches its last batch but the loop never finishes it
+    sim = tiny_simulation()
+    train, val = stream_loaders(sim)
+    counter = EventCounter()
+    trainer = make_trainer(hooks=[counter])
+    history = trainer.train(train, val, epochs=1, steps_per_epoch=6, accumulate_grad_batches=2)
+    assert history["global_step"] == 3 and counter.counts["on_step_end"] == 3
+    del iterator

@@ -716,6 +716,11 @@ class BaseTrainer:
         self._fitting = self._set_up = True
         self.should_stop, self.stop_reason, self._stop_now, self.exit_code = False, None, False, None
         self.accelerator.gradient_accumulation_steps = s.accumulate_grad_batches
+        # The trainer closes each accumulation group itself (at the epoch's last micro-batch, see
+        # train_epoch). Accelerate's GradientState is one object per process: a prepared DataLoader that an
+        # earlier fit (or notebook cell) left mid-iteration stays registered as "active" and "at its end",
+        # and with sync_with_dataloader every micro-batch of this fit would then close a group.
+        self.accelerator.gradient_state.plugin_kwargs["sync_with_dataloader"] = False
         self.batch_size = int(getattr(train_loader, "batch_size", None) or 1)
         if _is_stream(train_loader):
             if s.steps_per_epoch is None:
