@@ -13,24 +13,16 @@ disagreements on dim or overlapping spots do not say which one is right.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 
 import numpy as np
 import pandas as pd
 
+from decode_accel.analysis.drift_link import quiet_picasso
 from decode_accel.errors import DecodeAccelError
 
 __all__ = ["picasso_localize", "noise_net_gradient", "agreement", "agreement_table"]
 
 
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
 
 
 def _picasso_camera(camera, shape: tuple[int, int], roi_origin=None) -> tuple[dict, dict | None]:
@@ -74,7 +66,7 @@ def noise_net_gradient(movie_adu: np.ndarray, box: int = 7, false_per_frame: flo
     rng = np.random.default_rng(seed)
     T = movie_adu.shape[0]
     shuffled = np.stack([rng.permutation(f.ravel()).reshape(f.shape) for f in np.asarray(movie_adu)])
-    with _quiet():
+    with quiet_picasso():
         ids = localize.identify(shuffled, 1.0, box, threaded=False, return_info=False)
     ng = np.sort(np.asarray(ids["net_gradient"], dtype=np.float64))[::-1]
     k = int(np.ceil(false_per_frame * T))
@@ -108,7 +100,7 @@ def picasso_localize(movie_adu: np.ndarray, camera, px_size_nm: float, *, box: i
     info, cal = _picasso_camera(camera, (H, W), roi_origin)
     if min_net_gradient is None:
         min_net_gradient = noise_net_gradient(movie, box)
-    with _quiet():
+    with quiet_picasso():
         ids = localize.identify(movie, float(min_net_gradient), box, threaded=False, return_info=False)
         if len(ids) == 0:
             return pd.DataFrame(columns=["frame", "x", "y", "photons", "bg", "x_sigma", "y_sigma"])

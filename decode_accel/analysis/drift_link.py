@@ -50,7 +50,7 @@ class DriftResult:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_picasso():
     """Picasso prints progress and may warn about fonts or audio; keep the CLI output readable."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -60,7 +60,7 @@ def _quiet():
 
 def _picasso():
     try:
-        with _quiet():
+        with quiet_picasso():
             from picasso import aim, io as pio, postprocess as ppost  # noqa: F401
     except ImportError:  # pragma: no cover - picassosr is a dependency
         raise DecodeAccelError("Picasso is not installed", field="picassosr",
@@ -80,7 +80,7 @@ def load_locs(path: str | os.PathLike) -> tuple[pd.DataFrame, list[dict]]:
         raise DecodeAccelError("the YAML sidecar is missing", path=yaml_path, field="--input",
                                fix="keep the .yaml that decode-accel predict wrote next to the .hdf5")
     try:
-        with _quiet():
+        with quiet_picasso():
             locs, info = pio.load_locs(path)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad user file
         raise DecodeAccelError(f"not a readable Picasso HDF5 file ({type(err).__name__})", path=path, field="locs",
@@ -101,7 +101,7 @@ def save_locs(path: str | os.PathLike, locs: pd.DataFrame, info: list[dict], ste
     """Write locs with ``picasso.io.save_locs``, adding ``step`` to the sidecar (Picasso's history)."""
     pio, _, _ = _picasso()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with _quiet():
+    with quiet_picasso():
         pio.save_locs(os.fspath(path), locs, list(info) + [step])
 
 
@@ -119,7 +119,7 @@ def _frames(info: list[dict]) -> int:
 
 def _run_undrift(locs, info, method, segmentation, aim_kwargs):
     _, ppost, aim = _picasso()
-    with _quiet():
+    with quiet_picasso():
         if method == "rcc":
             drift, new = ppost.undrift(locs, info, segmentation, display=False)
         else:
@@ -197,7 +197,7 @@ def link_blinks(locs: pd.DataFrame, info: list[dict], *, radius_nm: float | None
         raise DecodeAccelError(f"link radius must be > 0 nm, got {radius_nm}", field="--link-radius")
     if max_dark_time < 0:
         raise DecodeAccelError(f"max dark time must be >= 0, got {max_dark_time}", field="--max-dark-time")
-    with _quiet():
+    with quiet_picasso():
         linked = ppost.link(locs, info, r_max=radius_nm / px, max_dark_time=int(max_dark_time))
     linked.attrs["link_radius_nm"] = float(radius_nm)
     return linked
