@@ -93,7 +93,7 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     path = ROOT / "recipes" / "configs" / "benchmark" / f"{name}.yaml"
     base = budget["overrides"] + (pipeline.update_budget(updates) if updates else []) + list(extra_overrides)
     test_config = load_config(path, base)
-    train_overrides = pipeline.training_density_overrides(test_config, budget["min_train_density"])
+    train_overrides = pipeline.training_physics_overrides(test_config, budget["min_train_density"])
     # the network's scaling follows the test physics (density does not enter it)
     config = load_config(path, base + train_overrides)
     run_dir = out_dir / name
@@ -101,7 +101,8 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     print(f"\n=== scenario {key}: {name} — training {config.model.architecture}/{config.model.preset} on "
           f"{config.simulation.frame.height}x{config.simulation.frame.width} px frames for {total} updates"
           + (f" (at most {minutes:g} min)" if minutes else ""), flush=True)
-    history = pipeline.train_model(config, run_dir, cpu=budget["cpu"], max_minutes=minutes, progress=True)
+    history = pipeline.train_model(config, run_dir, cpu=budget["cpu"], max_minutes=minutes, progress=True,
+                                   target_simulation=test_config.simulation)
     test_sim = pipeline.test_simulation(test_config.simulation)
     index = list(SCENARIOS).index(key)
     tune = pipeline.simulate_held_out_movie(test_sim, budget["tune_frames"], pipeline.held_out_seed(1000 + index),

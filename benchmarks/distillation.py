@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     common = cpu["overrides"] + [f"model.preset={args.student_preset}", f"data.steps_per_epoch={steps}",
                                  f"training_strategy.epochs={epochs}"]
     test_config = load_config(SCENARIO, common)
-    train_common = common + pipeline.training_density_overrides(test_config, cpu["min_train_density"])
+    train_common = common + pipeline.training_physics_overrides(test_config, cpu["min_train_density"])
     sim = pipeline.test_simulation(test_config.simulation)
     tune = pipeline.simulate_held_out_movie(sim, 60, pipeline.held_out_seed(1050), out, name="tuning")
     test = pipeline.simulate_held_out_movie(sim, args.test_frames, pipeline.held_out_seed(50), out, name="test")

@@ -162,12 +162,15 @@ def crlb_psf(sim_config):
 
 
 def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: float | None = None,
-                mixed_precision: str | None = None, progress: bool = False, operating_point: bool = True) -> dict:
+                mixed_precision: str | None = None, progress: bool = False, operating_point: bool = True,
+                target_simulation=None) -> dict:
     """Train ``config`` (a TrainingConfig) on on-the-fly simulation; export to ``run_dir/export``.
 
     The fit runs ``training_strategy.epochs x data.steps_per_epoch`` updates (``max_minutes`` is an
     optional wall-clock cap on top). With ``operating_point`` the detection threshold is then chosen on
-    a tuning movie of the training physics and stored in the export (:func:`choose_operating_point`).
+    a tuning movie and stored in the export (:func:`choose_operating_point`): of ``target_simulation``
+    (a SimulationConfig, the physics the model is meant for when training ran on a raised one, see
+    :func:`training_physics_overrides`), or of the training physics when it is None.
 
     Returns the history plus ``export_dir``, ``train_seconds``, ``samples_per_s``, ``data_wait_share``,
     ``learning_curve`` [(update, seconds, loss)] and ``operating_point``.
@@ -204,23 +207,36 @@ def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: f
     history.update(export_dir=run_dir / "export", train_seconds=train_seconds, wall_seconds=seconds,
                    samples=samples, samples_per_s=samples / max(train_seconds, 1e-9),
                    data_wait_share=_data_wait_share(perf), learning_curve=curve.points)
-    history["operating_point"] = choose_operating_point(run_dir / "export") if operating_point else None
+    history["operating_point"] = (choose_operating_point(run_dir / "export", simulation=target_simulation)
+                                  if operating_point else None)
     return history
 
 
-def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, height: int = 64, width: int = 64,
-                           seed: int | None = None, candidates=THRESHOLD_CANDIDATES, store: bool = True) -> dict:
+#: expected true emitter-frames of a tuning movie: enough that a threshold's Jaccard index is known to ~1 %
+TUNING_EMITTER_FRAMES = 2000
+
+
+def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = None, height: int = 64, width: int = 64,
+                           simulation=None, seed: int | None = None, candidates=THRESHOLD_CANDIDATES,
+                           store: bool = True) -> dict:
     """Choose the detection threshold a model is used at, on a tuning movie of its own training physics.
 
-    Simulates a ``n_frames`` movie of ``height`` x ``width`` px from the export's simulation config
-    (seed from :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it
-    once at the lowest candidate threshold and picks the candidate with the best Jaccard index (ties go
-    to the candidate nearest 0.5). With ``store`` the result is written into the export folder, where
+    Simulates a movie of ``height`` x ``width`` px of ``simulation`` (a SimulationConfig; None: the
+    export's training physics; seed from
+    :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it once at
+    the lowest candidate threshold and picks the candidate with the best Jaccard index (ties go to the
+    candidate nearest 0.5). With ``store`` the result is written into the export folder, where
     ``predict`` finds it and uses it by default.
+
+    Pass the physics the model is meant for when it was trained on raised physics: the best threshold
+    depends on the density, because false detections scale with the area and true ones with the
+    density (a model trained at 0.5/µm² for efficiency but meant for 0.1/µm² needs a higher threshold
+    for the same precision). ``n_frames`` None: enough frames for about :data:`TUNING_EMITTER_FRAMES` true
+    emitter-frames (100 to 500).
 
     Returns:
         {"threshold", "jaccard", "precision", "recall" at it, "chosen_on" (text), "tuning_seed",
-        "candidates": [{threshold, jaccard, precision, recall}, ...]}.
+        "density", "candidates": [{threshold, jaccard, precision, recall}, ...]}.
     """
     import tempfile
 
@@ -228,7 +244,11 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, heigh
     from decode_accel.inference.predict import predict
 
     exported = load_exported(export_dir)
-    sim = test_simulation(exported.simulation_config, height, width)
+    sim = test_simulation(exported.simulation_config if simulation is None else simulation, height, width)
+    density = float(sim.emitters.density or 0.0)
+    if n_frames is None:
+        per_frame = density * height * width * (float(sim.frame.px_size) / 1e3) ** 2
+        n_frames = int(min(500, max(100, math.ceil(TUNING_EMITTER_FRAMES / max(per_frame, 1e-9)))))
     camera = None
     chip = getattr(exported.camera, "map_shape", None)
     if chip is not None and tuple(chip) != (height, width):  # full-chip sCMOS maps: the movie at the chip's corner
@@ -246,9 +266,9 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int = 100, heigh
                                                         for k in ("jaccard", "precision", "recall")}})
     # ties (e.g. an untrained model with JI 0 everywhere) go to the candidate nearest 0.5
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
-    point = dict(best, tuning_seed=seed, candidates=rows,
-                 chosen_on=f"a tuning movie of the training physics ({n_frames} frames of {height}x{width} px, "
-                           f"seed {seed}), best Jaccard index")
+    point = dict(best, tuning_seed=seed, density=density, candidates=rows,
+                 chosen_on=f"a tuning movie of the {'training' if simulation is None else 'target'} physics at {density:g} emitters/µm² ({n_frames} frames "
+                           f"of {height}x{width} px, seed {seed}), best Jaccard index")
     if store:
         export_model(export_dir, exported.model, simulation_config=exported.simulation_config,
                      metrics=exported.metadata.get("metrics"), training_config=exported.metadata.get("training"),
@@ -487,13 +507,27 @@ def update_budget(updates: int, peak_lr: float = CPU_PEAK_LR, warmup: int = 100,
 #: a 32 x 32 px frame carries ~1 emitter at 0.1/µm²: low-density scenarios train at this density
 #: (5x more emitters per unit of compute); their test movies keep the scenario's density
 MIN_TRAIN_DENSITY = 0.5
+#: 3D scenarios train on a z range this share of its half-width wider at each end than the test's: a
+#: network never shown an emitter beyond the range pulls those at its ends towards the centre (the
+#: posterior mean of a bounded prior), which compressed z by tens of nm at the ends
+TRAIN_Z_MARGIN = 0.2
 
 
-def training_density_overrides(test_config, min_density: float | None = MIN_TRAIN_DENSITY) -> list[str]:
-    """Overrides that raise the training density to ``min_density`` when the scenario's is lower."""
-    if min_density and (test_config.simulation.emitters.density or 0) < min_density:
-        return [f"simulation.emitters.density={min_density}"]
-    return []
+def training_physics_overrides(test_config, min_density: float | None = MIN_TRAIN_DENSITY,
+                               z_margin: float | None = TRAIN_Z_MARGIN) -> list[str]:
+    """Overrides of the training physics against the physics a model is meant for (``test_config``):
+    the density raised to ``min_density`` (emitters/µm²) when the scenario's is lower, and for 3D the
+    z range widened by ``z_margin`` of its half-width at each end. Test and tuning movies keep the
+    scenario's own physics."""
+    emitters = test_config.simulation.emitters
+    out = []
+    if min_density and (emitters.density or 0) < min_density:
+        out.append(f"simulation.emitters.density={min_density}")
+    lo, hi = emitters.z_range
+    if z_margin and test_config.simulation.psf.kind != "gaussian" and hi > lo:
+        pad = z_margin * (hi - lo) / 2.0
+        out.append(f"simulation.emitters.z_range=[{lo - pad:g}, {hi + pad:g}]")
+    return out
 
 
 #: optimizer updates of the main job (about 5 minutes of training on a quiet 2-core machine)
@@ -522,11 +556,12 @@ def demo_main(argv: list[str]) -> int:
         parser.error(str(err))
     overrides = CPU_TRAINING_OVERRIDES + budget + list(args.overrides)
     test_config = load_config(args.config, overrides)
-    config = load_config(args.config, overrides + training_density_overrides(test_config))
+    config = load_config(args.config, overrides + training_physics_overrides(test_config))
     print(f"[1/3] training {config.model.architecture} ({config.model.preset}) on simulated "
           f"{config.simulation.frame.height}x{config.simulation.frame.width} px frames at "
           f"{config.simulation.emitters.density:g} emitters/µm² for {args.updates} updates (CPU)", flush=True)
-    history = train_model(config, out / "run", cpu=True, progress=True)
+    history = train_model(config, out / "run", cpu=True, progress=True,
+                          target_simulation=test_config.simulation)
     point = history["operating_point"]
     print(f"      {history['global_step']} updates in {history['train_seconds']:.0f} s, "
           f"{history['samples_per_s']:.1f} samples/s; model exported to {history['export_dir']}; "

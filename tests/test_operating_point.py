@@ -101,3 +101,41 @@ def test_the_threshold_with_the_best_jaccard_index_on_the_tuning_movie_is_chosen
     assert point["tuning_seed"] >= pipeline.TUNING_SEED_BASE > pipeline.held_out_seed(10**6)
     stored = json.loads((export / "decode_accel.json").read_text())["operating_point"]
     assert stored["threshold"] == pytest.approx(0.5) and load_exported(export).threshold == pytest.approx(0.5)
+
+
+def test_the_operating_point_is_chosen_at_the_density_the_model_is_meant_for(tmp_path, monkeypatch):
+    """False detections scale with the area, true ones with the density: a threshold that pays at high
+    density (a dim tenth of the emitters is worth one false detection per frame) does not at low density."""
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())  # trained at 1/µm²
+
+    def fake_predict(model, tiff, threshold=None, **kwargs):
+        truth = read_table(str(tiff).replace(".tif", "_truth.csv")).reset_index(drop=True)
+        prob = np.where(np.arange(len(truth)) % 10 == 0, 0.45, 0.8)   # one emitter in ten is dim
+        real = truth[["frame", "x", "y"]].assign(prob=prob)
+        n_frames = len(tifffile.TiffFile(tiff).pages)
+        fake = pd.DataFrame({"frame": np.arange(n_frames), "x": 1.0, "y": 1.0, "prob": 0.45})
+        table = pd.concat([real, fake], ignore_index=True)
+        return table[table["prob"] >= threshold].reset_index(drop=True)
+
+    monkeypatch.setattr(predict_module, "predict", fake_predict)
+    # 32 x 32 px of 100 nm: about 10 emitters per frame at 1/µm², about 1 at 0.1/µm²
+    dense = pipeline.choose_operating_point(export, n_frames=60, height=32, width=32, store=False)
+    meant_for = sim_config().model_copy(update={"emitters": sim_config().emitters.model_copy(update={"density": 0.1})})
+    sparse = pipeline.choose_operating_point(export, n_frames=200, height=32, width=32, simulation=meant_for)
+    assert dense["density"] == pytest.approx(1.0) and dense["threshold"] == pytest.approx(0.45)
+    assert sparse["density"] == pytest.approx(0.1) and sparse["threshold"] == pytest.approx(0.5)
+    assert "0.1 emitters/µm²" in sparse["chosen_on"]
+    assert load_exported(export).operating_point["density"] == pytest.approx(0.1)
+
+
+def test_training_physics_raise_a_low_density_and_widen_a_3d_z_range_but_leave_2d_z_alone():
+    from decode_accel.training.config import load_config
+
+    low_2d = load_config("recipes/configs/benchmark/a_2d_low_density.yaml")
+    assert pipeline.training_physics_overrides(low_2d) == [f"simulation.emitters.density={pipeline.MIN_TRAIN_DENSITY}"]
+    astig = load_config("recipes/configs/benchmark/c_3d_astigmatic.yaml")           # z in [-500, 500] nm
+    overrides = pipeline.training_physics_overrides(astig, min_density=None, z_margin=0.2)
+    assert overrides == ["simulation.emitters.z_range=[-600, 600]"]
+    widened = load_config("recipes/configs/benchmark/c_3d_astigmatic.yaml", overrides)
+    assert tuple(widened.simulation.emitters.z_range) == (-600.0, 600.0)
+    assert pipeline.training_physics_overrides(astig, min_density=None, z_margin=None) == []
