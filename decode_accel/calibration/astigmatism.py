@@ -11,6 +11,9 @@ whose x is MATLAB's first index) name the image *row* x: DECODE's
 ``sigma_x = σ0·sqrt(1 + ((z + foc_shift)/d)²)`` is the width along rows, narrowest at
 z = −foc_shift; along columns the PSF is narrowest at z = +foc_shift (as in Huang et al. 2008).
 :func:`from_decode` and :func:`from_row_column` do that swap, so no sign convention can mirror z.
+SMAP's ``*_3dcal.mat`` stores its Gaussian model as ``gauss_zfit`` = [σx0, Ax, Ay, Bx, By, γ, d, σy0]
+(γ, d in µm; σx along rows narrowest at z = +γ, σy along columns at z = −γ): :func:`from_smap` reads
+it (MATLAB v5/v7 through scipy, v7.3 through h5py) with the same swap.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def from_thunderstorm(path_or_mapping, z_span: tuple[float, float] | None = None
     if isinstance(data, (str, os.PathLike)):
         where = os.fspath(data)
         if not os.path.exists(where):
-            raise DecodeAccelError("calibration file not found", path=where, field="--thunderstorm-calibration")
+            raise DecodeAccelError("calibration file not found", path=where, field="--psf-calibration")
         text = open(where, encoding="utf-8").read()
         # ThunderSTORM writes a Java class tag on the first line: read past it
         text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("!!"))
@@ -130,6 +133,158 @@ def from_thunderstorm(path_or_mapping, z_span: tuple[float, float] | None = None
                                  A_x=float(data.get("a1", 0.0)), B_x=float(data.get("b1", 0.0)),
                                  sigma0_y=float(data["w02"]), focal_y=focal[1], depth_y=float(data["d2"]),
                                  A_y=float(data.get("a2", 0.0)), B_y=float(data.get("b2", 0.0)), z_span=span)
+
+
+#: SMAP's ``gauss_zfit`` vector, in this order (the z-fit parameters of its Gaussian MLE fitter, fittype 3):
+#: widths in px, ``gamma`` and ``d`` in µm, SMAP's x = MATLAB's first image index = rows.
+SMAP_ZFIT_FIELDS = ("sigmax0", "Ax", "Ay", "Bx", "By", "gamma", "d", "sigmay0")
+
+
+def from_smap_zfit(zfit, z_span: tuple[float, float] | None = None, *, path=None) -> AstigmaticCalibration:
+    """SMAP's Gaussian astigmatism (``gauss_zfit`` = [σx0, Ax, Ay, Bx, By, γ, d, σy0], γ and d in µm).
+
+    SMAP's model: σx = σx0·sqrt(1 + u² + Ax·u³ + Bx·u⁴) with u = (z − γ)/d, and σy the same with
+    σy0, Ay, By and u = (z + γ)/d. SMAP's x is the image row (MATLAB's first index), so its σx is
+    decode_accel's width along y: focal_y = +γ, focal_x = −γ (nm), and the A, B of x and y swap too.
+    (That SMAP's x is the row follows from its fitter indexing MATLAB arrays first index first, as
+    DECODE reads SMAP's spline calibrations; a calibration of a real asymmetric bead would settle it.)
+    ``path`` only names the file in errors.
+    """
+    field = "gauss_zfit" if path is None else "SXY.gauss_zfit"
+    v = np.asarray(zfit, dtype=np.float64).reshape(-1)
+    if v.size != len(SMAP_ZFIT_FIELDS) or not np.all(np.isfinite(v)):
+        raise DecodeAccelError(f"gauss_zfit has {v.size} values{'' if np.all(np.isfinite(v)) else ' (not all finite)'}, "
+                               f"expected {len(SMAP_ZFIT_FIELDS)} ({', '.join(SMAP_ZFIT_FIELDS)})", path=path, field=field,
+                               fix="export an astigmatic Gaussian calibration from SMAP's calibrate3D")
+    s0_rows, a_rows, a_cols, b_rows, b_cols, gamma, d, s0_cols = v
+    if not (s0_rows > 0 and s0_cols > 0 and d != 0):
+        raise DecodeAccelError(f"gauss_zfit has impossible widths or depth ({v.tolist()})", path=path, field=field,
+                               fix="check the calibration (σx0, σy0 > 0 px, d != 0 µm)")
+    g_nm, d_nm = 1000.0 * gamma, 1000.0 * abs(d)
+    span = z_span or (-abs(g_nm) - 2 * d_nm, abs(g_nm) + 2 * d_nm)
+    return from_row_column(row=dict(sigma0=s0_rows, focal=+g_nm, depth=d_nm, A=a_rows, B=b_rows),
+                           column=dict(sigma0=s0_cols, focal=-g_nm, depth=d_nm, A=a_cols, B=b_cols), z_span=span)
+
+
+def to_smap_zfit(cal: AstigmaticCalibration) -> np.ndarray:
+    """The calibration as SMAP's ``gauss_zfit`` vector (float32, γ and d in µm); needs the symmetric
+    form SMAP fits: focal_y = −focal_x and one depth for both axes."""
+    if abs(cal.focal_x + cal.focal_y) > 1e-6 * max(1.0, abs(cal.focal_x)) or abs(cal.depth_x - cal.depth_y) > 1e-6 * cal.depth_x:
+        raise DecodeAccelError(f"SMAP's Gaussian model needs focal_y = -focal_x and one depth (got focal {cal.focal_x:g}, "
+                               f"{cal.focal_y:g} nm, depth {cal.depth_x:g}, {cal.depth_y:g} nm)", field="gauss_zfit",
+                               fix="export to ThunderSTORM instead (to_thunderstorm), which has per-axis parameters")
+    return np.array([cal.sigma0_y, cal.A_y, cal.A_x, cal.B_y, cal.B_x, cal.focal_y / 1000.0, cal.depth_x / 1000.0,
+                     cal.sigma0_x], dtype=np.float32)
+
+
+def _mat_value(obj):
+    """A MATLAB value read by scipy.io.loadmat (squeeze_me, struct_as_record=False) as a plain object."""
+    while isinstance(obj, np.ndarray) and obj.dtype == object and obj.size >= 1:
+        obj = obj.flat[0]
+    return obj
+
+
+def _mat_get(obj, name):
+    obj = _mat_value(obj)
+    if isinstance(obj, dict):
+        return obj.get(name)
+    if isinstance(obj, np.ndarray) and obj.dtype.names:
+        return obj[name].flat[0] if name in obj.dtype.names else None
+    return getattr(obj, name, None)
+
+
+def _h5_value(f, node):
+    """A MATLAB v7.3 (HDF5) node as numpy: datasets read (MATLAB stores them transposed), the first
+    element of a reference array followed; groups are returned as they are."""
+    import h5py
+
+    if isinstance(node, h5py.Group):
+        return node
+    data = node[()]
+    if node.dtype == h5py.ref_dtype or (isinstance(data, np.ndarray) and data.dtype == object):
+        return _h5_value(f, f[np.asarray(data).flat[0]])
+    if node.attrs.get("MATLAB_empty", 0):
+        return np.zeros(0)
+    return np.asarray(data).T
+
+
+def _smap_zfit_from_file(where: str, index: int):
+    """(gauss_zfit vector or None, number of SXY entries) from a SMAP *_3dcal.mat, v5/v7 or v7.3."""
+    import h5py
+
+    if h5py.is_hdf5(where):  # MATLAB -v7.3: HDF5 with a 512-byte header block
+        with h5py.File(where, "r") as f:
+            if "SXY" in f:
+                sxy = f["SXY"]
+                if not isinstance(sxy, h5py.Group) or "gauss_zfit" not in sxy:
+                    return None, 1
+                node = sxy["gauss_zfit"]
+                data = node[()]
+                if node.dtype == h5py.ref_dtype:  # a struct array: one reference per entry
+                    refs = np.asarray(data).T.reshape(-1)  # MATLAB order (column-major)
+                    if index >= refs.size:
+                        return "index", refs.size
+                    target = f[refs[index]]
+                    return (None if target.attrs.get("MATLAB_empty", 0) else np.asarray(target[()]).reshape(-1)), refs.size
+                return (None if node.attrs.get("MATLAB_empty", 0) else np.asarray(data).reshape(-1)), 1
+            if "gauss_zfit" in f:
+                node = f["gauss_zfit"]
+                return (None if node.attrs.get("MATLAB_empty", 0) else np.asarray(node[()]).reshape(-1)), 1
+            return None, 0
+    from scipy.io import loadmat
+
+    mat = loadmat(where, squeeze_me=True, struct_as_record=False)
+    if "SXY" in mat:
+        sxy = mat["SXY"]
+        entries = list(np.asarray(sxy, dtype=object).reshape(-1, order="F")) if isinstance(sxy, np.ndarray) else [sxy]
+        if index >= len(entries):
+            return "index", len(entries)
+        z = _mat_get(entries[index], "gauss_zfit")
+        return (None if z is None or np.size(z) == 0 else np.asarray(z, dtype=np.float64).reshape(-1)), len(entries)
+    if "gauss_zfit" in mat:
+        z = mat["gauss_zfit"]
+        return (None if np.size(z) == 0 else np.asarray(z, dtype=np.float64).reshape(-1)), 1
+    return None, 0
+
+
+def from_smap(path: str | os.PathLike, *, index: int = 0, z_span: tuple[float, float] | None = None) -> AstigmaticCalibration:
+    """SMAP's astigmatic Gaussian calibration from its ``*_3dcal.mat`` (``SXY(index).gauss_zfit``, or a
+    top-level ``gauss_zfit`` as the stand-alone calibrate3D writes it), MATLAB v5/v7 or v7.3 (HDF5).
+
+    ``index`` picks the entry of a multi-channel or spatially varying calibration (SXY array, MATLAB's
+    column-major order). See :func:`from_smap_zfit` for the axis and sign conventions.
+    """
+    where = os.fspath(path)
+    if not os.path.exists(where):
+        raise DecodeAccelError("calibration file not found", path=where, field="--psf-calibration",
+                               fix="give SMAP's *_3dcal.mat")
+    try:
+        zfit, n = _smap_zfit_from_file(where, int(index))
+    except DecodeAccelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad user file
+        raise DecodeAccelError(f"cannot read the MATLAB file ({type(err).__name__})", path=where, field="--psf-calibration",
+                               fix="give SMAP's *_3dcal.mat (MATLAB v5, v7 or v7.3)") from None
+    if isinstance(zfit, str):
+        raise DecodeAccelError(f"the calibration has {n} SXY entries, index {index} is out of range", path=where,
+                               field="SXY", fix=f"pick an entry 0..{n - 1}")
+    if zfit is None:
+        raise DecodeAccelError("no Gaussian astigmatism (gauss_zfit) in the calibration" +
+                               (" (it is empty: a 2D or cspline-only calibration)" if n else ""), path=where,
+                               field="SXY.gauss_zfit",
+                               fix="calibrate with SMAP's astigmatic modality, or use psf.kind: spline with spline_path")
+    return from_smap_zfit(zfit, z_span=z_span, path=where)
+
+
+def load_psf_calibration(path: str | os.PathLike, *, index: int = 0) -> AstigmaticCalibration:
+    """An astigmatic calibration from another tool's file: SMAP ``.mat`` or ThunderSTORM ``.yaml``."""
+    low = os.fspath(path).lower()
+    if low.endswith(".mat"):
+        return from_smap(path, index=index)
+    if low.endswith((".yaml", ".yml", ".txt")):
+        return from_thunderstorm(path)
+    raise DecodeAccelError("unknown calibration format", path=path, field="--psf-calibration",
+                           fix="give SMAP's *_3dcal.mat or ThunderSTORM's calibration .yaml")
 
 
 def to_thunderstorm(cal: AstigmaticCalibration) -> dict[str, float]:

@@ -204,7 +204,8 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
               scmos_offset_map: str | None = None, scmos_variance_map: str | None = None,
               scmos_e_per_adu_map: str | None = None, roi_origin: tuple[int, int] | None = None,
               psf: str = "gaussian", bead_stack: str | None = None, z_step: float | None = None,
-              z_range: tuple[float, float] | None = None, frame_size: int = 40, threshold: float = 5.0,
+              psf_calibration: str | None = None, z_range: tuple[float, float] | None = None, frame_size: int = 40,
+              threshold: float = 5.0,
               sigma_init: float = 1.0, match_density: bool = True) -> CalibrationResult:
     """Estimate a :class:`~decode_accel.simulation.config.SimulationConfig` that matches a recorded movie.
 
@@ -216,7 +217,8 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
             camera values; unknown ones are estimated or assumed (the table says which).
         scmos_maps: .npz of per-pixel maps (offset_adu, variance_adu2, e_per_adu); or the single-map files.
         roi_origin: (row, col) of the movie on full-chip maps (px).
-        psf: 'gaussian' (σ from the movie) or 'astigmatic' (needs ``bead_stack`` and ``z_step`` nm).
+        psf: 'gaussian' (σ from the movie) or 'astigmatic' (needs ``bead_stack`` and ``z_step`` nm, or
+            ``psf_calibration``: SMAP's ``*_3dcal.mat`` or ThunderSTORM's calibration ``.yaml``).
         z_range: emitter z range for an astigmatic PSF (nm); default the bead stack's fitted range.
         frame_size: side of the training frames written to the config (px).
         threshold: spot detection threshold (robust sd of the filtered frame).
@@ -281,19 +283,27 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
     # -- PSF
     psf_section: dict[str, Any]
     if psf == "astigmatic":
-        if bead_stack is None or z_step is None:
-            raise DecodeAccelError("an astigmatic PSF needs a bead z-stack", field="--bead-stack",
-                                   fix="give --bead-stack STACK.tif --z-step NM")
-        from .astigmatism import fit_bead_stack
+        if psf_calibration is not None:
+            from .astigmatism import load_psf_calibration
 
-        stack = _read_stack(bead_stack)
-        bead_e = stack  # beads are bright: the fit is insensitive to the exact offset; subtract a low percentile
-        bead_e = (bead_e - np.percentile(bead_e, 5)).clip(0)
-        cal = fit_bead_stack(bead_e, z_step=float(z_step), sigma_init=sigma_init)
+            cal = load_psf_calibration(psf_calibration)
+            how, source = f"from {os.path.basename(os.fspath(psf_calibration))}", "given"
+        elif bead_stack is None or z_step is None:
+            raise DecodeAccelError("an astigmatic PSF needs a bead z-stack or a calibration file", field="--bead-stack",
+                                   fix="give --bead-stack STACK.tif --z-step NM, or --psf-calibration FILE "
+                                       "(SMAP *_3dcal.mat or ThunderSTORM .yaml)")
+        else:
+            from .astigmatism import fit_bead_stack
+
+            stack = _read_stack(bead_stack)
+            bead_e = stack  # beads are bright: the fit is insensitive to the exact offset; subtract a low percentile
+            bead_e = (bead_e - np.percentile(bead_e, 5)).clip(0)
+            cal = fit_bead_stack(bead_e, z_step=float(z_step), sigma_init=sigma_init)
+            how, source = f"bead stack, {cal.n_points} plane fits", "estimated"
         psf_section = dict(kind="astigmatic", **cal.psf_fields())
         for name, (v, s) in cal.summary().items():
             unit = "px" if name.startswith("sigma0") else ("nm" if name.startswith(("focal", "depth")) else "-")
-            est.append(Estimate(f"PSF {name}", v, s, unit, "estimated", f"bead stack, {cal.n_points} plane fits"))
+            est.append(Estimate(f"PSF {name}", v, s, unit, source, how))
         zr = tuple(z_range) if z_range is not None else cal.z_span
         fits_mode, sig0 = "sigma_xy", float(min(cal.sigma0_x, cal.sigma0_y))
     else:
@@ -588,6 +598,8 @@ def calibrate_main(argv: list[str]) -> int:
     p.add_argument("--psf", choices=("gaussian", "astigmatic"), default="gaussian")
     p.add_argument("--bead-stack", help="astigmatic: bead z-stack TIFF (planes in z order)")
     p.add_argument("--z-step", type=float, help="astigmatic: z step of the bead stack (nm)")
+    p.add_argument("--psf-calibration", help="astigmatic: another tool's calibration instead of a bead stack: "
+                   "SMAP *_3dcal.mat (gauss_zfit) or ThunderSTORM .yaml")
     p.add_argument("--frame-size", type=int, default=40, help="training frame side written to the config (px)")
     p.add_argument("--threshold", type=float, default=5.0, help="detection threshold (robust sd)")
     p.add_argument("--no-match-density", action="store_true",
@@ -598,7 +610,8 @@ def calibrate_main(argv: list[str]) -> int:
                     em_gain=a.em_gain, qe=a.qe, read_noise=a.read_noise, scmos_maps=a.scmos_maps,
                     scmos_offset_map=a.scmos_offset_map, scmos_variance_map=a.scmos_variance_map,
                     scmos_e_per_adu_map=a.scmos_e_per_adu_map, roi_origin=_pair(a.roi_origin, "--roi-origin"),
-                    psf=a.psf, bead_stack=a.bead_stack, z_step=a.z_step, frame_size=a.frame_size, threshold=a.threshold,
+                    psf=a.psf, bead_stack=a.bead_stack, z_step=a.z_step, psf_calibration=a.psf_calibration,
+                    frame_size=a.frame_size, threshold=a.threshold,
                     match_density=not a.no_match_density)
     png = a.png or str(Path(a.out).with_suffix(".png"))
     figs = comparison_figure(res, png, seed=a.seed)
