@@ -91,3 +91,25 @@ def test_training_speed_benchmark_reports_samples_per_second_and_the_data_wait(t
     assert row["trainer_samples_per_s"] > 0 and row["plain_samples_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1
     assert row["updates_timed"] == len(row["seconds_per_update"]["trainer"]) == len(row["seconds_per_update"]["plain"])
     assert row["params"] == 61_618  # the tiny preset
+
+
+def test_a_second_run_with_reuse_models_evaluates_the_same_weights_without_training_again(tmp_path):
+    args = [sys.executable, "benchmarks/accuracy.py", "--budget", "tiny", "--scenarios", "a", "--no-picasso",
+            "--out", str(tmp_path / "runs")]
+    first = subprocess.run(args + ["--json", str(tmp_path / "1.json")], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = next((tmp_path / "runs" / "tiny" / "a_2d_low_density" / "export").glob("*.safetensors"))
+    before = weights.read_bytes()
+    second = subprocess.run(args + ["--reuse-models", "--json", str(tmp_path / "2.json")], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing the model trained earlier" in second.stdout and "training SigmaMUNet" not in second.stderr
+    assert weights.read_bytes() == before
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text())["results"]["a"] for k in (1, 2))
+    assert two["train_updates"] == one["train_updates"]
+    assert two["decode_accel"]["all"]["jaccard"] == one["decode_accel"]["all"]["jaccard"]
+    # another config under the same folder is refused rather than silently evaluated
+    third = subprocess.run(args + ["--reuse-models", "data.batch_size=2"], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=900)
+    assert third.returncode != 0 and "another config" in third.stderr

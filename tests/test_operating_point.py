@@ -105,12 +105,12 @@ def test_the_threshold_with_the_best_jaccard_index_on_the_tuning_movie_is_chosen
 
 def test_the_operating_point_is_chosen_at_the_density_the_model_is_meant_for(tmp_path, monkeypatch):
     """False detections scale with the area, true ones with the density: a threshold that pays at high
-    density (a dim tenth of the emitters is worth one false detection per frame) does not at low density."""
+    density (a dim fifth of the emitters is worth one false detection per frame) does not at low density."""
     export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())  # trained at 1/µm²
 
     def fake_predict(model, tiff, threshold=None, **kwargs):
         truth = read_table(str(tiff).replace(".tif", "_truth.csv")).reset_index(drop=True)
-        prob = np.where(np.arange(len(truth)) % 10 == 0, 0.45, 0.8)   # one emitter in ten is dim
+        prob = np.where(np.arange(len(truth)) % 5 == 0, 0.45, 0.8)   # one emitter in five is dim
         real = truth[["frame", "x", "y"]].assign(prob=prob)
         n_frames = len(tifffile.TiffFile(tiff).pages)
         fake = pd.DataFrame({"frame": np.arange(n_frames), "x": 1.0, "y": 1.0, "prob": 0.45})
