@@ -37,10 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from decode_accel.pipeline import write_json  # noqa: E402
 from decode_accel.training.builders import (build_loaders, build_loss_from_config, build_model_from_config,  # noqa: E402
-                                            build_optimizer, build_trainer, optimizer_dict)
+                                            optimizer_dict)
 from decode_accel.training.config import load_config  # noqa: E402
 from decode_accel.training.hooks import Hook  # noqa: E402
 from decode_accel.training.monitor import TrainingMonitor  # noqa: E402
+from decode_accel.training.settings import build_optimizer  # noqa: E402
+from decode_accel.training.trainer import build_trainer  # noqa: E402
 
 
 def scenario_config(preset: str, *, frame: int, batch: int, workers: int, micro_batches: int, log_dir: Path):

@@ -8,13 +8,13 @@ Launch (no data files needed; the frames are simulated on the fly)::
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/curriculum.py --cpu ...
 
 The default config is recipes/configs/curriculum.yaml; everything is built by
-decode_accel.training.builders.run_from_cli (shared by all recipes).
+decode_accel.cli.run_from_cli (shared by all recipes).
 """
 
 import sys
 
 from decode_accel.errors import DecodeAccelError
-from decode_accel.training.builders import run_from_cli
+from decode_accel.cli import run_from_cli
 
 if __name__ == "__main__":
     try:

@@ -166,7 +166,7 @@ def test_advanced_training_config_builds_a_multi_channel_trainer(tmp_path):
     assert lrs.used[-1] == pytest.approx(1e-2 / 25 / 1e4, rel=1e-6)
     # the loss-weight schedule moved ratio_weight from its initial value towards 0.8
     assert trainer.loss_fn.weights['ratio_weight'] == pytest.approx(0.5 + (0.8 - 0.5) * 1 / 10)
-    assert (tmp_path / 'ckpt' / 'export' / 'model.safetensors').exists()
+    assert (tmp_path / 'export' / 'model.safetensors').exists()  # the export: beside checkpoints/
     # monitoring: batch metrics every update (log_every 1), epoch metrics, curves at epoch 2 (plot_every 2)
     records = _jsonl(tmp_path / 'logs' / 'metrics.jsonl')
     batches = [r for r in records if r['kind'] == 'batch']

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from decode_accel.errors import DecodeAccelError
+from .spots import cut_rois, detect_spots, fit_spots
 
 AXIS_FIELDS = ("sigma0", "focal", "depth", "A", "B")
 
@@ -316,7 +317,6 @@ def fit_bead_stack(stack: np.ndarray, z_step: float, *, z0_plane: float | None =
     """
     from scipy.optimize import curve_fit
 
-    from .spots import cut_rois, detect_spots, fit_spots
 
     stack = np.asarray(stack, dtype=np.float64)
     if stack.ndim != 3 or stack.shape[0] < 5:

@@ -32,6 +32,13 @@ import numpy as np
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.inference.movie import open_movie
+from decode_accel.io._atomic import atomic_path
+from decode_accel.simulation import Camera, Simulator
+from decode_accel.simulation.config import CameraConfig, SimulationConfig
+from .astigmatism import fit_bead_stack, load_psf_calibration
+from .camera_estimate import mean_variance
+from .spots import detect_spots, find_and_fit
 
 __all__ = ["Estimate", "CalibrationResult", "calibrate", "write_config", "comparison_figure", "calibrate_main"]
 
@@ -74,7 +81,6 @@ class CalibrationResult:
 
 def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
     """The camera config from what the user gave, completing the rest from the movie."""
-    from .camera_estimate import mean_variance
 
     kind = args.get("camera")
     maps = {k: args.get(k) for k in ("scmos_maps", "scmos_offset_map", "scmos_variance_map", "scmos_e_per_adu_map")}
@@ -142,7 +148,6 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
     else:  # emccd: the movie fixes EM gain / (e-/ADU) = slope / 2
         ratio, ratio_sd = (fit.slope / 2.0, fit.slope_sd / 2.0) if fit is not None else (em_gain / e_per_adu, None)
         if e_per_adu is None and em_gain is None:
-            from decode_accel.simulation.config import CameraConfig
 
             e_per_adu = CameraConfig().e_per_adu
             est.append(Estimate("conversion", e_per_adu, None, "e-/ADU", "assumed",
@@ -166,10 +171,7 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
 
 def _complete_maps(cam: dict, args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
     """sCMOS maps given: estimate from the movie what the maps and options leave open (conversion, read noise)."""
-    from decode_accel.simulation import Camera
-    from decode_accel.simulation.config import CameraConfig
 
-    from .camera_estimate import mean_variance
 
     have = Camera(CameraConfig(**cam))._maps
     need_gain = "e_per_adu" not in have and args.get("e_per_adu") is None
@@ -225,11 +227,7 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
         sigma_init: PSF sd to start from (px).
         match_density: scale the density so that simulated frames give the movie's detection count.
     """
-    from decode_accel.inference.movie import open_movie
-    from decode_accel.simulation import Camera
-    from decode_accel.simulation.config import SimulationConfig
 
-    from .spots import find_and_fit
 
     movie_path = os.fspath(movie_path)
     mv = open_movie(movie_path)
@@ -252,7 +250,6 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
     cam_cfg = _camera_section(args, adu, est)
     if roi_origin is not None:
         cam_cfg["roi_origin"] = [int(roi_origin[0]), int(roi_origin[1])]
-    from decode_accel.simulation.config import CameraConfig
     try:
         camera_cfg = CameraConfig(**cam_cfg)
     except Exception as err:  # noqa: BLE001 - pydantic names the field
@@ -284,7 +281,6 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
     psf_section: dict[str, Any]
     if psf == "astigmatic":
         if psf_calibration is not None:
-            from .astigmatism import load_psf_calibration
 
             cal = load_psf_calibration(psf_calibration)
             how, source = f"from {os.path.basename(os.fspath(psf_calibration))}", "given"
@@ -293,7 +289,6 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
                                    fix="give --bead-stack STACK.tif --z-step NM, or --psf-calibration FILE "
                                        "(SMAP *_3dcal.mat or ThunderSTORM .yaml)")
         else:
-            from .astigmatism import fit_bead_stack
 
             stack = _read_stack(bead_stack)
             bead_e = stack  # beads are bright: the fit is insensitive to the exact offset; subtract a low percentile
@@ -334,7 +329,6 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
                                fix="lower --threshold, or check the camera")
     qe_ = camera_cfg.qe
     photons = fits.photons / qe_
-    from .spots import detect_spots
 
     cands = detect_spots(electrons, sigma=sig0, threshold=threshold, noise_var=var_e)
     counts = np.bincount(cands[:, 0], minlength=T)
@@ -383,7 +377,6 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
 
 def _sim_counts(res: CalibrationResult, cam, seed: int, n_rep: int = 3) -> float:
     """Mean detections per frame in frames simulated from ``res.simulation`` at the movie's size."""
-    from .spots import detect_spots
 
     ex = res.extra
     qe = res.simulation.camera.qe
@@ -462,7 +455,6 @@ def roi_origin_from_metadata(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def _read_stack(path: str) -> np.ndarray:
-    from decode_accel.inference.movie import open_movie
 
     st = open_movie(path)
     return np.asarray(st.read(slice(0, st.n_frames)), dtype=np.float64)[:, 0]
@@ -472,7 +464,6 @@ def write_config(result: CalibrationResult, out: str | os.PathLike) -> None:
     """Write the ``simulation:`` section (YAML, loadable with ``--config``) with the table as a comment."""
     import yaml
 
-    from decode_accel.io._atomic import atomic_path
 
     data = {"simulation": result.simulation.model_dump(mode="json")}
     head = [f"# written by decode-accel calibrate from {result.movie_path} on "
@@ -486,7 +477,6 @@ def write_config(result: CalibrationResult, out: str | os.PathLike) -> None:
 
 def simulate_like(result: CalibrationResult, seed: int = 0):
     """Frames simulated with the written config at the movie's size and place on the chip: (adu (T, H, W), movie)."""
-    from decode_accel.simulation import Simulator
 
     T, H, W = result.movie_adu.shape
     data = result.simulation.model_dump()
@@ -512,9 +502,7 @@ def comparison_figure(result: CalibrationResult, path: str | os.PathLike, seed: 
     import matplotlib.pyplot as plt
     from scipy.stats import ks_2samp
 
-    from decode_accel.simulation import Camera
 
-    from .spots import detect_spots, find_and_fit
 
     sim_adu, movie = simulate_like(result, seed)
     real = result.movie_adu

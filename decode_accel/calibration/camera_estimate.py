@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from .spots import detect_spots
 
 
 @dataclass
@@ -50,7 +51,6 @@ def background_mask(movie_adu: np.ndarray, sigma: float = 1.0, threshold: float 
     """(H, W) bool: pixels never near a spot in any frame (DoG maxima above ``threshold`` robust sd)."""
     from scipy import ndimage
 
-    from .spots import detect_spots
 
     T, H, W = movie_adu.shape
     cands = detect_spots(movie_adu.astype(np.float64), sigma=sigma, threshold=threshold)

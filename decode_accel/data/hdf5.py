@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,10 @@ import torch
 
 from decode_accel import __version__
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io import write_thunderstorm_csv
 from decode_accel.io._atomic import temporary_path
+from decode_accel.simulation import Camera, Simulator
+from decode_accel.simulation.config import CameraConfig, SimulationConfig
 
 __all__ = [
     "FORMAT_VERSION", "EMITTER_COLUMNS", "MovieFile", "write_hdf5", "read_hdf5", "export_tiff_and_csv",
@@ -393,9 +395,6 @@ def camera_to_photons(camera: dict[str, Any] | Any, adu: torch.Tensor, *, path: 
     Uses the simulator's own :class:`~decode_accel.simulation.Camera` so training and inference share one inverse:
     EMCCD ((adu - baseline) · e_per_adu / em_gain - spurious charge) / qe (DESIGN.md).
     """
-    from decode_accel.simulation import Camera
-    from decode_accel.simulation.config import CameraConfig
-
     try:
         cam_cfg = camera if isinstance(camera, CameraConfig) else CameraConfig.model_validate(camera)
     except Exception as err:  # pydantic ValidationError: report the first problem on one line
@@ -408,28 +407,6 @@ def camera_to_photons(camera: dict[str, Any] | Any, adu: torch.Tensor, *, path: 
 # export and simulation to file
 
 
-def _thunderstorm_fallback(df: pd.DataFrame, csv_path: Path) -> None:
-    """ThunderSTORM CSV (DESIGN.md header, 1-based frame, nm) when decode_accel.io has no writer yet."""
-    out = pd.DataFrame({
-        "id": df["id"].astype("int64") if "id" in df else np.arange(len(df)),
-        "frame": df["frame"].astype("int64") + 1,
-        "x [nm]": df["x"], "y [nm]": df["y"], "z [nm]": df["z"],
-        "intensity [photon]": df["photons"],
-        "offset [photon]": df["bg"] if "bg" in df else np.nan,
-    })
-    if "photons_ch2" in df and df["photons_ch2"].notna().any():
-        out["intensity_ch1 [photon]"] = df["photons_ch1"]
-        out["intensity_ch2 [photon]"] = df["photons_ch2"]
-        out["ratio"] = df["ratio"]
-    tmp = _atomic_target(csv_path)
-    try:
-        out.to_csv(tmp, index=False, quoting=2, float_format="%.4f")  # quoting=2: QUOTE_NONNUMERIC, header quoted
-        os.replace(tmp, csv_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def export_tiff_and_csv(source: str | os.PathLike | MovieFile, tiff_path: str | os.PathLike,
                         csv_path: str | os.PathLike) -> tuple[Path, Path]:
     """Export a movie as a uint16 ADU TIFF stack and its ground truth as a ThunderSTORM CSV.
@@ -437,7 +414,7 @@ def export_tiff_and_csv(source: str | os.PathLike | MovieFile, tiff_path: str | 
     The TIFF is an ImageJ hyperstack (axes TYX, or TCYX for two channels) of camera counts clipped to
     [0, 65535]; the CSV has the DESIGN.md columns, frame 1-based, x/y/z in nm, "offset [photon]" = the
     background (photons/px) of the emitter's frame at its pixel. The CSV is written by
-    ``decode_accel.io.write_thunderstorm_csv`` when that module provides it, otherwise by a built-in writer with the same header.
+    ``decode_accel.io.write_thunderstorm_csv``.
 
     Args:
         source: a decode_accel HDF5 file or a :class:`MovieFile` from :func:`read_hdf5`.
@@ -475,20 +452,8 @@ def export_tiff_and_csv(source: str | os.PathLike | MovieFile, tiff_path: str | 
         table["bg"] = pd.Series(dtype="float64")
     if movie.n_channels == 1:  # per-channel columns mean nothing for one channel
         table = table.drop(columns=[k for k in ("ratio", "photons_ch1", "photons_ch2", "color") if k in table.columns])
-    writer = _io_writer()
-    if writer is not None:
-        writer(table, csv_path)
-    else:
-        _thunderstorm_fallback(table, csv_path)
+    write_thunderstorm_csv(table, csv_path)
     return tiff_path, csv_path
-
-
-def _io_writer():
-    try:
-        from decode_accel import io as dio
-    except ImportError:
-        return None
-    return getattr(dio, "write_thunderstorm_csv", None)
 
 
 def simulate_to_file(config: Any, n_frames: int, out_path: str | os.PathLike, seed: int | None = None) -> Path:
@@ -502,9 +467,6 @@ def simulate_to_file(config: Any, n_frames: int, out_path: str | os.PathLike, se
         out_path: destination ``.h5``.
         seed: seed of the torch.Generator; None uses ``config.seed``.
     """
-    from decode_accel.simulation import Simulator
-    from decode_accel.simulation.config import SimulationConfig
-
     if isinstance(config, dict):
         config = SimulationConfig.model_validate(config)
     if int(n_frames) < 1:
@@ -512,57 +474,3 @@ def simulate_to_file(config: Any, n_frames: int, out_path: str | os.PathLike, se
     seed = int(config.seed if seed is None else seed)
     movie = Simulator(config).sample(int(n_frames), torch.Generator().manual_seed(seed))
     return write_hdf5(out_path, movie, config)
-
-
-def simulate_main(argv: list[str]) -> int:
-    """``decode-accel simulate --config X.yaml --out data/train.h5 [--frames N] [--seed S] [--tiff M.tif --csv GT.csv]``.
-
-    The config is a training config (any recipe config; its ``simulation`` section is used) or a bare
-    simulation config (the keys of :class:`~decode_accel.simulation.config.SimulationConfig`).
-    """
-    import argparse
-
-    import yaml
-
-    from decode_accel.simulation.config import SimulationConfig
-    from decode_accel.training.config import load_config
-
-    parser = argparse.ArgumentParser(prog="decode-accel simulate", description=simulate_main.__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML/JSON config (default: the built-in simulation defaults)")
-    parser.add_argument("--out", required=True, help="output HDF5 file (.h5)")
-    parser.add_argument("--frames", type=int, default=1000, help="number of consecutive frames")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: simulation.seed of the config)")
-    parser.add_argument("--tiff", default=None, help="also write the movie as a uint16 ADU TIFF")
-    parser.add_argument("--csv", default=None, help="also write the ground truth as a ThunderSTORM CSV")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. simulation.emitters.density=0.5")
-    args = parser.parse_args(argv)
-    sim_keys = set(SimulationConfig.model_fields)
-    raw = {}
-    if args.config is not None:
-        path = Path(args.config)
-        if not path.exists():
-            raise DecodeAccelError("config file not found", path=path, fix="check the path given to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise DecodeAccelError(f"not valid YAML ({str(err).splitlines()[0]})", path=path) from None
-    if isinstance(raw, dict) and raw and "simulation" not in raw and "base" not in raw and set(raw) <= sim_keys:
-        # a bare simulation config: prefix every override and validate it as the `simulation` section
-        overrides = [o if o.startswith("simulation.") else f"simulation.{o}" for o in args.overrides]
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-            yaml.safe_dump({"simulation": raw}, tmp)
-        try:
-            config = load_config(tmp.name, overrides).simulation
-        finally:
-            os.unlink(tmp.name)
-    else:
-        config = load_config(args.config, args.overrides).simulation
-    out = simulate_to_file(config, args.frames, args.out, seed=args.seed)
-    print(f"wrote {out} ({args.frames} frames of {config.frame.height}x{config.frame.width} px, "
-          f"{config.channels.n_channels} channel(s))")
-    if args.tiff or args.csv:
-        tiff = args.tiff or str(Path(args.out).with_suffix(".tif"))
-        csv = args.csv or str(Path(args.out).with_name(Path(args.out).stem + "_truth.csv"))
-        export_tiff_and_csv(out, tiff, csv)
-        print(f"wrote {tiff} and {csv}")
-    return 0

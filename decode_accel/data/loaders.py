@@ -32,8 +32,12 @@ from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
 
 from decode_accel.config_base import StrictModel
+from decode_accel.data.arrow import ArrowWindowDataset
+from decode_accel.data.stream import SimulatedWindowStream
 from decode_accel.data.targets import collate_samples
+from decode_accel.data.windows import MovieWindowDataset
 from decode_accel.errors import DecodeAccelError
+from decode_accel.simulation.config import ChannelsConfig, SimulationConfig
 
 __all__ = ["LoaderConfig", "BatchCollator", "create_dataloader", "create_multi_channel_dataloader", "build_dataset"]
 
@@ -94,14 +98,10 @@ class BatchCollator:
 
 
 def _default_simulation_config(n_channels: int | None):
-    from decode_accel.simulation.config import ChannelsConfig, SimulationConfig
-
     return SimulationConfig(channels=ChannelsConfig(n_channels=n_channels or 1))
 
 
 def _as_simulation_config(simulation_config: Any):
-    from decode_accel.simulation.config import SimulationConfig
-
     if isinstance(simulation_config, Mapping):
         return SimulationConfig.model_validate(dict(simulation_config))
     return simulation_config
@@ -112,7 +112,6 @@ def build_dataset(data_path: str | os.PathLike | None, cfg: LoaderConfig, mode: 
                   start_index: int = 0, difficulty_schedule: Any = None):
     """The dataset behind :func:`create_dataloader` (a map-style window dataset or a simulated stream)."""
     if data_path is None:
-        from decode_accel.data.stream import SimulatedWindowStream
 
         sim_cfg = _as_simulation_config(simulation_config) if simulation_config is not None else \
             _default_simulation_config(n_channels)
@@ -132,11 +131,9 @@ def build_dataset(data_path: str | os.PathLike | None, cfg: LoaderConfig, mode: 
     path = Path(data_path)
     photon_min = cfg.label_photon_min
     if path.is_dir():
-        from decode_accel.data.arrow import ArrowWindowDataset
 
         ds = ArrowWindowDataset(path, photon_min=photon_min)
     elif path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
-        from decode_accel.data.windows import MovieWindowDataset
 
         ds = MovieWindowDataset.from_hdf5(path, photon_min=photon_min)
     elif not path.exists():

@@ -56,8 +56,9 @@ from pydantic import Field, model_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from decode_accel.config_base import StrictModel
-from decode_accel.data.targets import emitters_to_targets
+from decode_accel.data.targets import collate_samples, emitters_to_targets
 from decode_accel.errors import DecodeAccelError
+from decode_accel.simulation import Simulator
 
 __all__ = [
     "sample_seed", "CurriculumStage", "DifficultySchedule", "apply_overrides", "SimulatedWindowStream",
@@ -276,7 +277,7 @@ class SimulatedWindowStream(IterableDataset):
         if entry is None:
             factory = self.simulator_factory
             if factory is None:
-                from decode_accel.simulation import Simulator as factory
+                factory = Simulator
             config = apply_overrides(self.config, overrides)
             # the vectorised path filters labels inside the simulator: give it this stream's photon minimum
             config = config.model_copy(update={"emitters": config.emitters.model_copy(
@@ -319,7 +320,6 @@ class SimulatedWindowStream(IterableDataset):
         """Chunk ``q`` as one batch dict (the :func:`collate_samples` layout), without splitting it into samples."""
         k = self.clips_per_call
         if k == 1:
-            from decode_accel.data.targets import collate_samples
             return collate_samples(self.simulate_chunk(q))
         sim, _ = self._stage(self.overrides_for(q * k))
         gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.base_seed, q, self.stream_id, k))

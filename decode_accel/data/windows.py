@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from decode_accel.data.hdf5 import read_hdf5
 from decode_accel.data.targets import EmitterIndex, bg_to_map
 
 __all__ = ["window_indices", "MovieWindowDataset"]
@@ -65,7 +66,6 @@ class MovieWindowDataset(Dataset):
 
         ``photon_min`` None takes the label filter of the simulation that wrote the file (0 for recorded data).
         """
-        from decode_accel.data.hdf5 import read_hdf5
 
         movie = read_hdf5(path)
         if photon_min is None:

@@ -32,20 +32,13 @@ import numpy as np
 from scipy.special import erf
 
 from decode_accel.errors import DecodeAccelError
-
-#: excess-noise factor F^2 of each camera kind (variance multiplier).
-EXCESS_NOISE = {"poisson": 1.0, "scmos": 1.0, "ccd": 1.0, "emccd": 2.0}
+from decode_accel.precision import EXCESS_NOISE, excess_noise, mortensen_mle_sigma  # noqa: F401 (API here too)
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
 
-def _excess(camera: str) -> float:
-    try:
-        return EXCESS_NOISE[camera.lower()]
-    except (KeyError, AttributeError):
-        raise DecodeAccelError(f"unknown camera {camera!r}", field="camera",
-                               fix=f"use one of {sorted(EXCESS_NOISE)}") from None
+_excess = excess_noise
 
 
 @dataclass(frozen=True)
@@ -268,32 +261,6 @@ def crlb_ratio(photons, ratio, bg_ch1, bg_ch2, sigma_nm, px_size_nm: float = 100
     out["x"] = out["x"] * px_size_nm
     out["y"] = out["y"] * px_size_nm
     return out
-
-
-# Gauss-Legendre nodes on (0, 1) for the Mortensen integral, after t = s^2 removes the log singularity.
-_GL_X, _GL_W = np.polynomial.legendre.leggauss(96)
-_GL_S = 0.5 * (_GL_X + 1.0)
-_GL_W = 0.5 * _GL_W
-
-
-def mortensen_mle_sigma(photons, bg, sigma_nm, px_size_nm: float = 100.0, camera: str = "poisson") -> np.ndarray:
-    """Mortensen et al. (2010) closed form of the MLE (= CRLB) x precision of a 2D Gaussian PSF (nm).
-
-    var = F^2 (sigma_a^2 / N) / [1 + int_0^1 ln t / (1 + t / tau) dt],
-    sigma_a^2 = sigma^2 + a^2 / 12, tau = 2 pi sigma_a^2 b / (N a^2).
-    """
-    n, b, s = np.broadcast_arrays(*[np.asarray(v, dtype=np.float64) for v in (photons, bg, sigma_nm)])
-    a = float(px_size_nm)
-    sa2 = s**2 + a**2 / 12.0
-    tau = 2 * np.pi * sa2 * b / (n * a**2)
-    # int_0^1 ln t/(1+t/tau) dt with t = s^2: int_0^1 4 s ln s / (1 + s^2/tau) ds.
-    ss = _GL_S.reshape((1,) * n.ndim + (-1,))
-    # Without background (tau -> 0) the integrand vanishes and var -> sigma_a^2 / N.
-    safe_tau = np.where(tau > 0, tau, 1.0)[..., None]
-    integrand = np.where(tau[..., None] > 0, 4 * ss * np.log(ss) / (1 + ss**2 / safe_tau), 0.0)
-    integral = np.sum(integrand * _GL_W, axis=-1)
-    var = _excess(camera) * sa2 / n / (1 + integral)
-    return np.sqrt(var)
 
 
 def crlb_for_table(df, psf: GaussianPSF | AstigmaticPSF, px_size_nm: float, camera: str = "poisson",

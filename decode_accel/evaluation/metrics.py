@@ -32,6 +32,7 @@ import pandas as pd
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation.crlb import AstigmaticPSF, GaussianPSF, crlb_for_table
 from decode_accel.evaluation.matching import METHODS, match_localizations
+from decode_accel.inference.postprocess import as_dyes
 
 ALPHA_LAT = 1.0  # nm^-1
 ALPHA_AX = 0.5  # nm^-1
@@ -75,8 +76,6 @@ def _true_dyes(gt: pd.DataFrame, dyes) -> np.ndarray | None:
     if "color" in gt.columns:
         return gt["color"].to_numpy(np.float64)
     if dyes is not None and "ratio" in gt.columns:
-        from decode_accel.inference.postprocess import as_dyes
-
         means = np.array([d.ratio for d in as_dyes(dyes)], dtype=np.float64)
         r = gt["ratio"].to_numpy(np.float64)
         return np.argmin(np.abs(r[:, None] - means[None, :]), axis=1).astype(np.float64)

@@ -36,9 +36,16 @@ import pandas as pd
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.export import load_exported
 from decode_accel.inference.movie import Movie, open_movie, parse_frames
+from decode_accel.inference.postprocess import PostProcessor
+from decode_accel.inference.render import render
 from decode_accel.inference.tiling import (Stitcher, pad_to_canvas, plan_tiles, receptive_field_radius,
                                            size_multiple)
+from decode_accel.io import write_table
+from decode_accel.simulation.camera import Camera
+from decode_accel.simulation.config import CameraConfig
+from decode_accel.table import empty_table
 
 __all__ = ["predict", "predict_main", "resolve_model"]
 
@@ -68,7 +75,6 @@ def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = 
     name = "model"
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        from decode_accel.hub import load_exported
         model = load_exported(model)
     if isinstance(model, torch.nn.Module):
         net = model
@@ -113,8 +119,6 @@ def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
             raise DecodeAccelError(f"not valid YAML ({type(exc).__name__})", path=path, field="--camera") from None
         if isinstance(camera, dict) and isinstance(camera.get("camera"), dict):
             camera = camera["camera"]
-    from decode_accel.simulation.camera import Camera  # the simulator's camera model and its inverse
-    from decode_accel.simulation.config import CameraConfig
     if isinstance(camera, dict):
         try:
             camera = CameraConfig(**camera)
@@ -155,7 +159,6 @@ def _model_fingerprint(net: torch.nn.Module) -> str:
 def _make_postprocessor(resolved: _Resolved, threshold: float | None, postprocessor=None):
     if postprocessor is not None:
         return postprocessor
-    from decode_accel.inference.postprocess import PostProcessor
     kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table)
     if threshold is None:
         threshold = resolved.threshold  # the operating point the model was validated at
@@ -336,7 +339,6 @@ def _auto_batch_size(plan, device) -> int:
 # ------------------------------------------------------------------------------ files
 def _write_outputs(df: pd.DataFrame, outs: list[Path], *, px_size_nm, width, height, n_frames) -> None:
     """Write the final table(s) via decode_accel.io (atomic: temporary file + rename)."""
-    from decode_accel.io import write_table
     for o in outs:
         o.parent.mkdir(parents=True, exist_ok=True)
         write_table(df, o, px_size_nm=px_size_nm, width=width, height=height, n_frames=n_frames)
@@ -370,7 +372,6 @@ def _movie_signature(movie: Movie) -> list:
 def _merge(tables: list[pd.DataFrame]) -> pd.DataFrame:
     tables = [t for t in tables if t is not None]
     if not tables:
-        from decode_accel.table import empty_table
         return empty_table()
     non_empty = [t for t in tables if len(t)]
     df = pd.concat(non_empty or tables[:1], ignore_index=True)
@@ -605,7 +606,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                      threshold=args.threshold, resume=args.resume, cache_features=not args.no_cache,
                      progress=not args.no_progress, device=args.device, check_px_size=not args.ignore_px_size)
         if args.render:
-            from decode_accel.inference.render import render
             render(df, px_size_nm=args.render_px, out=args.render)
     except DecodeAccelError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from decode_accel import __version__
 from decode_accel.errors import DecodeAccelError
 from decode_accel.io._atomic import atomic_path
 from decode_accel.io._common import check_table_for_writing, integer_column, require_finite
+from decode_accel.precision import mortensen_mle_sigma
 
 #: Table column -> (Picasso field, dtype) of the optional extras written after the standard fields.
 _EXTRAS = {"prob": ("prob", "f4"), "photons_sigma": ("photons_sigma", "f4"), "id": ("id", "i8"),
@@ -96,8 +97,6 @@ def write_picasso_hdf5(df: pd.DataFrame, path: str | os.PathLike, px_size_nm: fl
     if "x_sigma" in df.columns and "y_sigma" in df.columns:
         lpx, lpy = col("x_sigma") / px, col("y_sigma") / px
     else:
-        from decode_accel.evaluation.crlb import mortensen_mle_sigma
-
         with np.errstate(divide="ignore", invalid="ignore"):
             lp = mortensen_mle_sigma(np.maximum(photons, 1e-9), np.clip(bg, 0, None), sigma_px * px, px) / px
         lpx, lpy = lp, lp.copy()

@@ -20,7 +20,7 @@ _EXPORTS = {
     "EarlyStopping": "hooks", "ReduceLROnPlateauHook": "hooks", "DivergenceGuard": "hooks", "MonitorHook": "hooks",
     "PreemptionHook": "preemption",
     "LossScheduler": "scheduler", "build_lr_scheduler": "scheduler",
-    "build_trainer": "builders", "build_loaders": "builders", "run_from_cli": "builders",
+    "build_trainer": "trainer", "build_loaders": "builders", "TrainerSettings": "settings",
     "TrainingConfig": "config", "load_config": "config", "save_config": "config",
     "CheckpointManager": "checkpoint",
     "TrainingMonitor": "monitor",

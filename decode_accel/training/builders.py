@@ -1,20 +1,13 @@
-"""The thin builder: ``TrainingConfig`` -> objects (model, loss, optimizer, loaders, hooks, trainer), and the
-command line shared by every recipe (``run_from_cli``).
+"""The thin builder: ``TrainingConfig`` -> objects (model, loss, optimizer, loaders, hooks, monitor, and the
+trainer's constructor arguments).
 
-Domain modules take plain arguments; only this file knows the config tree. A recipe is then::
-
-    from decode_accel.training.builders import run_from_cli
-    if __name__ == "__main__":
-        run_from_cli(sys.argv[1:], default_config="single_channel")
-
-and runs as ``python recipes/x.py``, ``accelerate launch [launcher flags] recipes/x.py [flags]`` or
-``torchrun --nproc_per_node N recipes/x.py --cpu`` (flags are long and unambiguous because torchrun
-abbreviation-matches script flags against its own).
+Domain modules take plain arguments; only this file knows the config tree. ``trainer.build_trainer`` (and
+``BaseTrainer.from_config``) turn :func:`trainer_parts` into a trainer; the recipes' command line is
+``decode_accel.cli.run_from_cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -22,17 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
+from decode_accel.data import create_dataloader
 from decode_accel.errors import DecodeAccelError
-from decode_accel.training.trainer import (BaseTrainer, MultiChannelTrainer, build_optimizer,  # noqa: F401
-                                           make_accelerator, make_settings, resolve_mixed_precision)
+from decode_accel.export import dye_table, load_exported
+from decode_accel.inference.postprocess import PostProcessor
+from decode_accel.loss import build_loss
+from decode_accel.models import build_model
+from decode_accel.training.config import TrainingConfig
+from decode_accel.training.hooks import CurriculumHook, DistillationHook, DivergenceGuard, LossSchedulerHook
+from decode_accel.training.monitor import TrainingMonitor
+from decode_accel.training.scheduler import LossScheduler
+from decode_accel.training.settings import make_accelerator, make_settings
 
 logger = logging.getLogger("decode_accel.training")
 
 #: recipes/configs next to the package (editable install / source checkout)
 RECIPE_CONFIG_DIR = Path(__file__).resolve().parents[2] / "recipes" / "configs"
-
-_PRECISIONS = ("no", "bf16", "fp16", "fp8")
 
 
 def scheduler_dict(config) -> dict | None:
@@ -56,8 +56,6 @@ def optimizer_dict(config) -> dict:
 
 def build_model_from_config(config) -> torch.nn.Module:
     """The network of ``config.model`` with the regularisation section applied (dropout, batch norm)."""
-    from decode_accel.models import build_model
-
     model_cfg = config.model.model_dump()
     reg = config.regularization
     if reg.dropout and model_cfg.get("dropout") is None:
@@ -73,26 +71,13 @@ def build_model_from_config(config) -> torch.nn.Module:
 
 
 def build_loss_from_config(config, model) -> Any:
-    from decode_accel.loss import build_loss
-
     kwargs = dict(config.loss.weights)
     if config.model.architecture == "SigmaMUNet" and config.loss.type in ("GaussianMM", "RatioGaussianNLL"):
         kwargs.setdefault("z_enabled", config.model.z_enabled)
     return build_loss(config.loss.type, scaling=getattr(model, "scaling", None), **kwargs)
 
 
-def dye_table(simulation_config) -> list[dict] | None:
-    """The simulation's dye table in the post-processing / evaluation convention (ratio, ratio_sd, prob);
-    None for single-channel data."""
-    ch = simulation_config.channels
-    if ch.n_channels != 2:
-        return None
-    return [{"ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability} for d in ch.dyes]
-
-
 def build_postprocessor(config):
-    from decode_accel.inference.postprocess import PostProcessor
-
     sim = config.simulation
     return PostProcessor(px_size_nm=float(sim.frame.px_size), dye_table=dye_table(sim))
 
@@ -103,8 +88,6 @@ def build_loaders(config, *, rank: int = 0, world_size: int = 1):
     The simulated training stream is sharded by ``rank``/``world_size`` (do not prepare it); the
     validation set is complete on every process (``BaseTrainer.validate`` splits it).
     """
-    from decode_accel.data import create_dataloader
-
     data = config.data
     common = {"batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.training_strategy.seed,
               "label_photon_min": data.label_photon_min}
@@ -124,9 +107,6 @@ def build_loaders(config, *, rank: int = 0, world_size: int = 1):
 
 def build_hooks(config, *, teacher=None, initial_weights: dict | None = None) -> list:
     """Hooks the config asks for: loss scheduling, curriculum, distillation and the divergence guard."""
-    from decode_accel.training.hooks import CurriculumHook, DistillationHook, DivergenceGuard, LossSchedulerHook
-    from decode_accel.training.scheduler import LossScheduler
-
     hooks = [DivergenceGuard(action="rollback", max_events=max(1, config.training_strategy.max_divergence_restarts))]
     if config.loss_scheduling.enable:
         sched = LossScheduler.from_config(config.loss_scheduling, config.training_strategy.epochs,
@@ -143,9 +123,7 @@ def build_hooks(config, *, teacher=None, initial_weights: dict | None = None) ->
 
 
 def load_teacher(path: str) -> torch.nn.Module:
-    """The teacher network of an export folder or Hub id (``decode_accel.hub.load_exported``)."""
-    from decode_accel.hub import load_exported
-
+    """The teacher network of an export folder or Hub id (``decode_accel.export.load_exported``)."""
     return load_exported(path).model
 
 
@@ -156,8 +134,6 @@ def as_two_channel(config):
     channel count, nor the loss (as in the seed's example) means DoubleMUNet + UnifiedLoss on two-channel
     simulation with two dyes (ratio 0.3 and 0.7); an explicit single-channel setting is an error.
     """
-    from decode_accel.training.config import TrainingConfig
-
     data = config.model_dump()
     explicit = []
     if config.model.architecture != "DoubleMUNet":
@@ -187,26 +163,13 @@ def as_two_channel(config):
     return TrainingConfig.model_validate(data)
 
 
-def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_precision: str | bool | None = None,
-                  accelerator=None, teacher=None, hooks: tuple = (), **trainer_kwargs):
-    """Accelerator, model, loss, optimizer, schedules, postprocessor, hooks, monitor and settings from a
-    ``TrainingConfig``, then the trainer.
+def trainer_parts(config, *, cpu: bool | None = None, mixed_precision: str | bool | None = None,
+                  accelerator=None, teacher=None, hooks: tuple = ()) -> dict:
+    """The trainer's constructor arguments from a ``TrainingConfig``: accelerator, model, loss, optimizer and
+    scheduler configs, postprocessor, hooks (the config's, then ``hooks``), monitor factory and settings.
 
-    The trainer class defaults to ``MultiChannelTrainer`` for two-channel configs. Its ``settings`` hold
-    every run setting the config implies (epochs, accumulation, clipping, checkpoints, logging), and its
-    monitor is built from the ``monitoring`` section at each ``train()`` that gets none:
-    ``trainer.train(train_loader, val_loader)`` runs the configured training. ``trainer_kwargs`` go to
-    the trainer class (e.g. a subclass's own arguments).
+    ``trainer.build_trainer`` (and ``BaseTrainer.from_config``) pass them to the trainer class.
     """
-    from decode_accel.training.config import TrainingConfig
-
-    if isinstance(config, dict):
-        config = TrainingConfig.model_validate(config)
-    if trainer_cls is not None and issubclass(trainer_cls, MultiChannelTrainer):
-        config = as_two_channel(config)
-    two = config.simulation.channels.n_channels == 2 or config.model.architecture == "DoubleMUNet"
-    if trainer_cls is None or (trainer_cls is BaseTrainer and two):
-        trainer_cls = MultiChannelTrainer if two else BaseTrainer
     ts, mon, ck = config.training_strategy, config.monitoring, config.checkpointing
     force_cpu = bool(ts.cpu if cpu is None else cpu)
     on_cpu = force_cpu or not torch.cuda.is_available()
@@ -222,7 +185,6 @@ def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_pr
             mixed_precision = "no"
     if accelerator is None:
         accelerator = make_accelerator(None, mixed_precision, force_cpu)
-    from accelerate.utils import set_seed
     set_seed(ts.seed)  # before the model is built: identical initial weights on every process
     model = build_model_from_config(config)
     loss_fn = build_loss_from_config(config, model)
@@ -236,16 +198,14 @@ def build_trainer(config, trainer_cls=None, *, cpu: bool | None = None, mixed_pr
         seed=ts.seed, cpu=force_cpu,
         compile=ts.compile, px_size_nm=float(config.simulation.frame.px_size))
     hook_list = list(build_hooks(config, teacher=teacher, initial_weights=getattr(loss_fn, "weights", None)))
-    return trainer_cls(model=model, loss_fn=loss_fn, optimizer_config=optimizer_dict(config),
-                       scheduler_config=scheduler_dict(config), settings=settings, hooks=hook_list + list(hooks),
-                       postprocessor=build_postprocessor(config), accelerator=accelerator,
-                       monitor=functools.partial(build_monitor, config), config=config, **trainer_kwargs)
+    return dict(model=model, loss_fn=loss_fn, optimizer_config=optimizer_dict(config),
+                scheduler_config=scheduler_dict(config), settings=settings, hooks=hook_list + list(hooks),
+                postprocessor=build_postprocessor(config), accelerator=accelerator,
+                monitor=functools.partial(build_monitor, config), config=config)
 
 
 def build_monitor(config, is_main_process: bool = True):
     """The ``TrainingMonitor`` of the ``monitoring`` section (JSONL, TensorBoard, W&B, plots)."""
-    from decode_accel.training.monitor import TrainingMonitor
-
     mon = config.monitoring
     return TrainingMonitor(log_dir=mon.log_dir, use_tensorboard=mon.use_tensorboard, use_wandb=mon.use_wandb,
                            wandb_project=mon.wandb_project, wandb_config=config.model_dump(mode="json"),
@@ -264,70 +224,3 @@ def resolve_default_config(name_or_path: str | os.PathLike | None) -> Path | Non
         return candidate
     raise DecodeAccelError("recipe config not found", path=candidate,
                            fix="give --config FILE.yaml or reinstall decode_accel from a source checkout")
-
-
-def parse_recipe_args(argv: list[str], description: str = "") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=description or "Train a decode_accel network on on-the-fly simulated data.",
-        allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides: dotted config keys, e.g. training_strategy.epochs=5 data.batch_size=8\n"
-               "multi-process CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 RECIPE "
-               "--cpu")
-    parser.add_argument("--config", default=None, help="YAML/JSON config; defaults to the recipe's own")
-    parser.add_argument("--output_dir", default=None,
-                        help="run folder: checkpoints/, logs/ and export/ go inside (overrides those paths)")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU (needed for multi-process CPU runs)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    parser.add_argument("--mixed_precision", default=None, choices=list(_PRECISIONS),
-                        help="override the config and launcher (no = fp32)")
-    parser.add_argument("--teacher", default=None, help="teacher export folder (distillation recipes)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides key=value")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise DecodeAccelError(f"override {bad[0]!r} is not key=value", field="overrides",
-                               fix="write e.g. training_strategy.epochs=5")
-    return args
-
-
-def run_from_cli(argv: list[str], default_config: str | os.PathLike | None = None, description: str = "",
-                 require_teacher: bool = False) -> dict:
-    """Parse recipe flags, build everything from the config and train; returns the history.
-
-    Flags: ``--config FILE.yaml``, ``key=value`` overrides, ``--cpu``, ``--resume``, ``--output_dir DIR``,
-    ``--mixed_precision {no,bf16,fp16,fp8}``, ``--teacher DIR``.
-    """
-    from decode_accel.training.config import load_config, save_config
-
-    args = parse_recipe_args(list(argv), description)
-    overrides = list(args.overrides)
-    if args.output_dir is not None:
-        out = Path(args.output_dir)
-        overrides += [f"checkpointing.save_dir={out / 'checkpoints'}", f"monitoring.log_dir={out / 'logs'}"]
-    if args.teacher is not None:
-        overrides.append(f"distillation.teacher={args.teacher}")
-    config = load_config(args.config or resolve_default_config(default_config), overrides)
-    if require_teacher and not config.distillation.teacher:
-        raise DecodeAccelError("this recipe needs a teacher", field="distillation.teacher",
-                               fix="pass --teacher EXPORT_DIR (the export folder of a trained model)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from decode_accel.training.preemption import PreemptionHook
-    # SIGTERM/SIGINT (cluster pre-emption, Ctrl-C) -> checkpoint at the next update, then exit; rerun with --resume
-    trainer = build_trainer(config, cpu=True if args.cpu else None, mixed_precision=args.mixed_precision,
-                            hooks=(PreemptionHook(),))
-    acc = trainer.accelerator
-    train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
-    run_dir = Path(args.output_dir) if args.output_dir else Path(config.checkpointing.save_dir).parent
-    if acc.is_main_process:
-        from decode_accel.io._atomic import writable_folder
-        writable_folder(run_dir, field="--output_dir" if args.output_dir else "checkpointing.save_dir",
-                        fix="choose a folder you can write to, e.g. --output_dir runs/my_run")
-        save_config(config, run_dir / "config.resolved.yaml")
-    acc.print(f"decode_accel: {acc.num_processes} process(es) on {acc.device}, mixed precision "
-              f"{acc.mixed_precision}, {trainer.settings.epochs} epoch(s) x "
-              f"{trainer.settings.steps_per_epoch} batch(es)")
-    # the trainer builds the monitor of config.monitoring and closes it when the fit ends
-    history = trainer.train(train_loader, val_loader, resume=args.resume, export_dir=run_dir / "export")
-    acc.print(f"done: best val_loss {history['best_val_loss']} at epoch {history['best_epoch']}, "
-              f"{history['total_time']:.1f} s; export in {run_dir / 'export'}")
-    return history

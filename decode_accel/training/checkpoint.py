@@ -40,6 +40,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.export import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ __all__ = ["CheckpointManager", "FORMAT_VERSION", "load_checkpoint", "load_model
 # ----------------------------------------------------------------------------------------------
 # Model unwrapping, RNG state
 # ----------------------------------------------------------------------------------------------
-
-def unwrap_model(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
-    """The plain module under DDP / DataParallel / torch.compile wrappers."""
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    for _ in range(8):  # wrappers can nest (compiled DDP, DDP of a compiled module)
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        else:
-            break
-    return model
-
 
 def _clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()

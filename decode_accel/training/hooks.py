@@ -49,6 +49,8 @@ from typing import Any, Iterable
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.loss.distillation import DistillationLoss
+from decode_accel.training.monitor import robust_location_scale
 
 logger = logging.getLogger("decode_accel.training")
 
@@ -252,7 +254,6 @@ class DistillationHook(Hook):
             raise DecodeAccelError(f"alpha must be in [0, 1], got {alpha}", field="distillation.alpha",
                                    fix="0 ignores the teacher, 1 ignores the ground truth")
         if loss is None:
-            from decode_accel.loss.distillation import DistillationLoss
             loss = DistillationLoss(alpha=alpha, temperature=temperature)
         self.teacher = teacher
         self.loss = loss
@@ -396,8 +397,6 @@ class DivergenceGuard(Hook):
         if not math.isfinite(value):
             return True, f"non-finite loss {value}"
         if len(self.history) >= self.min_history:
-            from decode_accel.training.monitor import robust_location_scale
-
             med, scale = robust_location_scale(self.history)
             if value - med > self.spike_factor * scale:
                 return True, (f"loss {value:.4g} is more than {self.spike_factor:g} x {scale:.3g} above the "
@@ -431,8 +430,6 @@ class DivergenceGuard(Hook):
         self._pending = []
         self.history.extend(v for v in values if math.isfinite(v))
         if len(self.history) >= self.min_history:
-            from decode_accel.training.monitor import robust_location_scale
-
             med, scale = robust_location_scale(self.history)
             self.threshold = med + self.spike_factor * scale
 

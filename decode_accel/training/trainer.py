@@ -41,191 +41,31 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Callable, Iterable
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from pydantic import Field, ValidationError, field_validator
+from accelerate.utils import gather_object, set_seed
 
-from decode_accel.config_base import StrictModel
+from decode_accel.data.stream import DifficultySchedule
 from decode_accel.errors import DecodeAccelError
+from decode_accel.evaluation import evaluate
+from decode_accel.export import default_export_dir, export_model
+from decode_accel.training.builders import as_two_channel, trainer_parts
+from decode_accel.training.checkpoint import CheckpointManager, restore_checkpoint
+from decode_accel.training.config import TrainingConfig
 from decode_accel.training.hooks import (EVENTS, CurriculumHook, DistillationHook, EarlyStopping, Hook, MonitorHook,
                                          ReduceLROnPlateauHook, check_hook)
 from decode_accel.training.scheduler import build_lr_scheduler
+from decode_accel.training.settings import (TrainerSettings, build_optimizer, make_accelerator, make_settings,
+                                            resolve_mixed_precision)
 
 logger = logging.getLogger("decode_accel.training")
 
-_PRECISIONS = ("no", "bf16", "fp16", "fp8")
 
-
-# ---------------------------------------------------------------------------------------------- settings
-class TrainerSettings(StrictModel):
-    """Every run setting of a trainer, validated (unknown names and impossible values are one-line errors).
-
-    ``BaseTrainer(..., settings=TrainerSettings(...))`` or the same names as keywords
-    (``BaseTrainer(..., cpu=True, seed=3)``); ``train(loader, epochs=5, save_dir=...)`` overrides them
-    for that fit. ``builders.build_trainer`` fills them from a ``TrainingConfig``.
-    """
-
-    # the loop
-    epochs: int = Field(1, ge=1, description="epochs to train (count)")
-    steps_per_epoch: Optional[int] = Field(
-        None, ge=1, description="micro-batches per epoch (count); required for an endless simulated stream; "
-                                "default: the whole map-style loader")
-    accumulate_grad_batches: int = Field(1, ge=1, description="micro-batches per optimizer update (count)")
-    gradient_clip_val: float = Field(0.0, ge=0, description="clip the global gradient L2 norm to this; 0 = off")
-    validate_every: int = Field(1, ge=1, description="validate every N epochs, and after the last (epochs)")
-    val_steps: Optional[int] = Field(None, ge=1, description="validation batches per validation (count); "
-                                                             "default: the whole validation loader")
-    early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="stop after N validations without improvement of monitor_metric (count)")
-    # logging
-    log_every: int = Field(50, ge=1, description="batch metrics to the monitor every N optimizer updates")
-    plot_every: Optional[int] = Field(None, ge=1, description="training-curve and prediction plots every N "
-                                                              "epochs, with a monitor (epochs)")
-    # checkpoints and export
-    save_dir: Optional[str] = Field(None, description="folder of the step-N checkpoints; None = no checkpoints")
-    save_every: int = Field(1, ge=1, description="checkpoint every N epochs, and after the last (epochs)")
-    save_every_n_steps: Optional[int] = Field(None, ge=1, description="also checkpoint every N updates (updates)")
-    save_top_k: int = Field(3, ge=0, description="keep the k best checkpoints by monitor_metric (count)")
-    save_last: bool = Field(True, description="always keep the most recent checkpoint (the one to resume from)")
-    monitor_metric: str = Field("val_loss", description="metric ranking checkpoints and driving early stopping")
-    mode: Literal["min", "max"] = Field("min", description="min: lower monitor_metric is better")
-    resume: bool = Field(False, description="continue from the last complete checkpoint in save_dir")
-    export_dir: Optional[str] = Field(None, description="export folder written after the fit; default "
-                                                        "save_dir/export when the simulation config is known")
-    # the process
-    seed: int = Field(0, ge=0, description="base random seed (per-process streams derive theirs from it)")
-    cpu: bool = Field(False, description="force the CPU; needed for multi-process CPU training")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (sets the "
-                                                            "model's flag)")
-    compile: bool = Field(False, description="torch.compile the prepared model")
-    px_size_nm: Optional[float] = Field(None, gt=0, description="pixel size of the validation tables (nm); "
-                                                                "default the postprocessor's")
-    sync_every: Optional[int] = Field(
-        None, ge=1, description="with several processes: optimizer updates between agreements on stop requests "
-                                "(updates); default 1 on the CPU (an all-reduce is nothing next to a CPU update, "
-                                "and a pre-emption grace period is short), 16 on accelerators")
-
-    @field_validator("save_dir", "export_dir", mode="before")
-    @classmethod
-    def _path(cls, value):
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-
-    def updated(self, **changes) -> "TrainerSettings":
-        """A validated copy with ``changes`` applied (one-line error naming the field)."""
-        return make_settings(self, **changes)
-
-
-def make_settings(base: "TrainerSettings | dict | None" = None, **changes) -> TrainerSettings:
-    """``TrainerSettings`` from a base (settings or dict) and keyword changes; one-line error when invalid."""
-    data = base.model_dump() if isinstance(base, TrainerSettings) else dict(base or {})
-    data.update(changes)
-    try:
-        return TrainerSettings.model_validate(data)
-    except ValidationError as err:
-        e = err.errors()[0]
-        name = ".".join(str(p) for p in e["loc"]) or "settings"
-        if e["type"] == "extra_forbidden":
-            import difflib
-            close = difflib.get_close_matches(name, list(TrainerSettings.model_fields), n=1)
-            raise DecodeAccelError(f"unknown trainer argument {name!r}", field=name,
-                                   fix=f"did you mean {close[0]!r}?" if close else
-                                   "see decode_accel.training.trainer.TrainerSettings for the accepted names") from None
-        raise DecodeAccelError(f"{e['msg']} (got {e.get('input')!r})", field=name,
-                               fix="see decode_accel.training.trainer.TrainerSettings") from None
-
-
-# ---------------------------------------------------------------------------------------------- building blocks
-def resolve_mixed_precision(mixed_precision: str | bool | None, cpu: bool) -> str | None:
-    """The Accelerator's ``mixed_precision`` argument.
-
-    True -> bf16 on a GPU, "no" on the CPU (bf16 autocast is ~10x slower on CPUs without bf16 units);
-    False -> "no"; None -> the launcher's setting (``ACCELERATE_MIXED_PRECISION``) if any, else fp32 on
-    the CPU and bf16 on a GPU; a string is passed on.
-    """
-    gpu = torch.cuda.is_available() and not cpu
-    if mixed_precision is None:
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            return None
-        return "bf16" if gpu else "no"
-    if mixed_precision is True:
-        return "bf16" if gpu else "no"
-    if mixed_precision is False:
-        return "no"
-    if mixed_precision not in _PRECISIONS:
-        raise DecodeAccelError(f"unknown mixed_precision {mixed_precision!r}", field="mixed_precision",
-                               fix=f"use one of {', '.join(_PRECISIONS)}")
-    return mixed_precision
-
-
-def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
-    """``{'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4, 'amsgrad': True}`` -> a torch optimizer.
-
-    ``type`` is any ``torch.optim`` class name (Adam, AdamW, SGD, RMSprop, ...); the other keys are its
-    keyword arguments (``learning_rate`` is accepted for ``lr``).
-    """
-    cfg = dict(optimizer_config)
-    kind = cfg.pop("type", "AdamW")
-    if "learning_rate" in cfg and "lr" not in cfg:
-        cfg["lr"] = cfg.pop("learning_rate")
-    cfg.update(cfg.pop("kwargs", None) or {})
-    if "betas" in cfg and cfg["betas"] is not None:
-        cfg["betas"] = tuple(cfg["betas"])
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    cls = getattr(torch.optim, str(kind), None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise DecodeAccelError(f"unknown optimizer type {kind!r}", field="optimizer.type",
-                               fix="use a torch.optim class name such as Adam, AdamW or SGD")
-    try:
-        return cls(params, **cfg)
-    except (TypeError, ValueError) as err:
-        raise DecodeAccelError(f"cannot build {kind}: {err}", field="optimizer", fix=f"check the {kind} arguments") \
-            from None
-
-
-def make_accelerator(device: str | torch.device | None = None, mixed_precision: str | bool | None = None,
-                     cpu: bool = False) -> Accelerator:
-    """The Accelerator for ``device`` (None, 'cpu', 'cuda' or 'cuda:N') and ``mixed_precision``.
-
-    'cuda:N' selects GPU N for a single-process run; a multi-process run takes its GPUs from the
-    launcher (``accelerate launch --gpu_ids``, ``CUDA_VISIBLE_DEVICES``). 'cuda' without a GPU falls
-    back to the CPU with a warning; any other device is a one-line error.
-    """
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise DecodeAccelError(f"unknown device {device!r}", field="device", fix="use 'cpu', 'cuda' or 'cuda:N'") \
-                from None
-        if dev.type not in ("cpu", "cuda"):
-            raise DecodeAccelError(f"device {device!r} is not supported", field="device",
-                                   fix="use 'cpu', 'cuda' or 'cuda:N'")
-        if dev.type == "cpu":
-            cpu = True
-        elif not torch.cuda.is_available():
-            logger.warning("device=%r requested but CUDA is not available; training on the CPU", str(device))
-            cpu = True
-        elif dev.index is not None and not cpu:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise DecodeAccelError(f"device={str(device)!r} names one GPU but this run has several processes",
-                                       field="device", fix="pass device='cuda' and choose the GPUs with "
-                                                           "accelerate launch --gpu_ids or CUDA_VISIBLE_DEVICES")
-            if dev.index >= torch.cuda.device_count():
-                raise DecodeAccelError(f"device={str(device)!r} but only {torch.cuda.device_count()} GPU(s) are "
-                                       f"visible", field="device", fix="use an index below the GPU count")
-            torch.cuda.set_device(dev.index)  # the Accelerator of a single process uses the current GPU
-    try:
-        return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(mixed_precision, cpu),
-                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
-    except ValueError as err:
-        raise DecodeAccelError(str(err).splitlines()[0], field="mixed_precision/cpu",
-                               fix="one process can hold one Accelerator setting; restart the "
-                                   "interpreter or pass the same values") from None
-
-
+# ---------------------------------------------------------------------------------------------- helpers
 def _is_stream(loader) -> bool:
     return isinstance(getattr(loader, "dataset", None), torch.utils.data.IterableDataset)
 
@@ -254,8 +94,6 @@ def _add_terms(sums: dict, terms: dict, weight: float = 1.0) -> dict:
 
 def batch_to_table(batch: dict, frame_offset: int, px_size_nm: float):
     """Ground-truth localization table (nm) of a batch's central frames; frame = frame_offset + sample index."""
-    import pandas as pd
-
     mask = batch["tgt_mask"].bool().cpu()
     b_idx, m_idx = torch.nonzero(mask, as_tuple=True)
     xyz = batch["tgt_xyz"].float().cpu()[b_idx, m_idx]
@@ -619,7 +457,7 @@ class BaseTrainer:
             logger.warning("exiting with code %d after the checkpoint", self.exit_code)
             raise SystemExit(self.exit_code)
         if s.export_dir is not None or (s.save_dir is not None and self.simulation_config is not None):
-            self.export(s.export_dir or Path(s.save_dir) / "export")
+            self.export(s.export_dir or default_export_dir(s.save_dir))
         return self.history
 
     def train_epoch(self, loader) -> float:
@@ -752,7 +590,6 @@ class BaseTrainer:
         self.monitor, self._timer = monitor, getattr(monitor, "timer", None)
         self.checkpoint_manager = None
         if s.save_dir is not None:
-            from decode_accel.training.checkpoint import CheckpointManager
             self.checkpoint_manager = CheckpointManager(s.save_dir, save_top_k=s.save_top_k,
                                                         monitor_metric=s.monitor_metric, mode=s.mode,
                                                         save_every_n_epochs=1, save_last=s.save_last)
@@ -786,7 +623,6 @@ class BaseTrainer:
                 ds = loader.dataset
                 # the DataLoader copies the dataset into its workers when the iterator starts: set first
                 if self._difficulty is not None:
-                    from decode_accel.data.stream import DifficultySchedule
                     ds.difficulty_schedule = DifficultySchedule(self._difficulty)
                 if self.stream_samples:
                     if not hasattr(ds, "start_index"):
@@ -826,11 +662,6 @@ class BaseTrainer:
             return self.postprocessor(outputs, frame_offset, self._px_size())
 
     def _table_metrics(self, gt_tables: list, pred_tables: list) -> dict:
-        import pandas as pd
-        from accelerate.utils import gather_object
-
-        from decode_accel.evaluation import evaluate
-
         if self.accelerator.num_processes > 1:
             gt_tables, pred_tables = gather_object(gt_tables), gather_object(pred_tables)
         gt = pd.concat(gt_tables, ignore_index=True) if gt_tables else None
@@ -893,7 +724,6 @@ class BaseTrainer:
         return path
 
     def _restore(self, ckpt: dict) -> None:
-        from decode_accel.training.checkpoint import restore_checkpoint
         restore_checkpoint(ckpt, self.unwrapped_model, self.optimizer, self.lr_schedule,
                            accelerator=self.accelerator, restore_rng=True)
         state = ckpt.get("trainer_state") or {}
@@ -917,7 +747,6 @@ class BaseTrainer:
         """Reload weights and optimizer from the last complete checkpoint and scale the lr; False if none."""
         if self.checkpoint_manager is None or not self.checkpoint_manager.has_checkpoint():
             return False
-        from decode_accel.training.checkpoint import restore_checkpoint
         ckpt = self.checkpoint_manager.load_last_checkpoint(rank=self.accelerator.process_index)
         restore_checkpoint(ckpt, self.unwrapped_model, self.optimizer, accelerator=self.accelerator, restore_rng=False)
         self.set_lr(self.get_lr() * lr_factor)
@@ -925,8 +754,6 @@ class BaseTrainer:
 
     def export(self, out_dir: str | os.PathLike):
         """Write the self-contained export folder (weights + metadata + model card) on the main process."""
-        from decode_accel.hub import export_model  # here, not at the top: decode_accel.hub imports this module
-
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
@@ -942,8 +769,7 @@ class BaseTrainer:
     # ------------------------------------------------------------------ construction from a config
     @classmethod
     def from_config(cls, config, **overrides) -> "BaseTrainer":
-        """Build model, loss, trainer, hooks and the monitor from a ``TrainingConfig`` (``builders.build_trainer``)."""
-        from decode_accel.training.builders import build_trainer
+        """Build model, loss, trainer, hooks and the monitor from a ``TrainingConfig`` (:func:`build_trainer`)."""
         return build_trainer(config, trainer_cls=cls, **overrides)
 
 
@@ -961,6 +787,31 @@ class MultiChannelTrainer(BaseTrainer):
 
     def _evaluate_kwargs(self) -> dict:
         return {"dye_table": self.dye_table} if self.dye_table is not None else {}
+
+
+# ---------------------------------------------------------------------------------------------- from a config
+def build_trainer(config, trainer_cls: type[BaseTrainer] | None = None, *, cpu: bool | None = None,
+                  mixed_precision: str | bool | None = None, accelerator=None, teacher=None, hooks: tuple = (),
+                  **trainer_kwargs) -> BaseTrainer:
+    """The trainer of a ``TrainingConfig`` (or dict): ``builders.trainer_parts`` builds accelerator, model,
+    loss, optimizer and schedule configs, postprocessor, hooks, monitor and settings; this picks the class.
+
+    The class defaults to ``MultiChannelTrainer`` for two-channel configs (a ``MultiChannelTrainer``
+    subclass fills in the two-channel defaults, see ``builders.as_two_channel``). Its ``settings`` hold
+    every run setting the config implies, and its monitor is built from the ``monitoring`` section at each
+    ``train()`` that gets none: ``trainer.train(train_loader, val_loader)`` runs the configured training.
+    ``trainer_kwargs`` go to the trainer class (e.g. a subclass's own arguments).
+    """
+    if isinstance(config, dict):
+        config = TrainingConfig.model_validate(config)
+    if trainer_cls is not None and issubclass(trainer_cls, MultiChannelTrainer):
+        config = as_two_channel(config)
+    two = config.simulation.channels.n_channels == 2 or config.model.architecture == "DoubleMUNet"
+    if trainer_cls is None or (trainer_cls is BaseTrainer and two):
+        trainer_cls = MultiChannelTrainer if two else BaseTrainer
+    parts = trainer_parts(config, cpu=cpu, mixed_precision=mixed_precision, accelerator=accelerator,
+                          teacher=teacher, hooks=hooks)
+    return trainer_cls(**parts, **trainer_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- seed names
@@ -1042,5 +893,5 @@ def _config_dict(config) -> dict | None:
 
 
 __all__ = ["BaseTrainer", "MultiChannelTrainer", "DistillationTrainer", "CurriculumTrainer", "AdaptiveLRTrainer",
-           "TrainerSettings", "make_settings", "make_accelerator", "build_optimizer", "resolve_mixed_precision",
+           "build_trainer", "TrainerSettings", "make_settings", "make_accelerator", "build_optimizer", "resolve_mixed_precision",
            "batch_to_table", "EVENTS"]
