@@ -21,8 +21,9 @@ import torch
 
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
-                                                 plot_trust, uncertainty_reliability)
+                                                 plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.export import export_model, load_exported
+from decode_accel.inference.postprocess import PostProcessor, ProbabilityCalibration
 from decode_accel.inference.predict import predict
 from decode_accel.io import write_table
 from decode_accel.simulation import Simulator
@@ -224,13 +225,15 @@ TUNING_EMITTER_FRAMES = 2000
 def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = None, height: int = 64, width: int = 64,
                            simulation=None, seed: int | None = None, candidates=THRESHOLD_CANDIDATES,
                            store: bool = True) -> dict:
-    """Choose the detection threshold a model is used at, on a tuning movie of its own training physics.
+    """Calibrate a model's detection probabilities and choose the threshold it is used at, on a tuning
+    movie of its own training physics.
 
     Simulates a movie of ``height`` x ``width`` px of ``simulation`` (a SimulationConfig; None: the
     export's training physics; seed from
     :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it once at
-    the lowest candidate threshold and picks the candidate with the best Jaccard index (ties go to the
-    candidate nearest 0.5). With ``store`` the result is written into the export folder, where
+    the lowest candidate threshold without calibration, fits a :class:`ProbabilityCalibration` (isotonic:
+    the share of real detections against the network's p), and picks the candidate threshold of the
+    calibrated p with the best Jaccard index (ties go to the candidate nearest 0.5). With ``store`` the result is written into the export folder, where
     ``predict`` finds it and uses it by default.
 
     Pass the physics the model is meant for when it was trained on raised physics: the best threshold
@@ -242,7 +245,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     Returns:
         {"threshold", "jaccard", "precision", "recall" at it (emitter-frames >= 25 % of the mean photons),
         "all_jaccard", "all_precision", "all_recall" (every emitter-frame), "chosen_on" (text), "tuning_seed",
-        "density", "candidates": [{threshold, jaccard, precision, recall, all_...}, ...]}.
+        "density", "candidates": [{threshold, jaccard, precision, recall, all_...}, ...],
+        "probability_calibration": {"raw": [...], "calibrated": [...]}}; thresholds are of the calibrated p.
     """
     import tempfile
 
@@ -262,7 +266,14 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     seed = tuning_seed(0) if seed is None else int(seed)
     with tempfile.TemporaryDirectory(prefix="decode_accel_tuning_") as tmp:
         movie = simulate_held_out_movie(sim, n_frames, seed, tmp, name="tuning")
-        table = predict(exported, movie.tiff, threshold=min(candidates), progress=False, camera=camera)
+        # the network's own p: an export chosen before carries a calibration that must not be fitted on itself
+        raw = PostProcessor(threshold=min(candidates), px_size_nm=exported.px_size_nm, dye_table=exported.dye_table)
+        table = predict(exported, movie.tiff, progress=False, camera=camera, postprocessor=raw)
+    calibration = None
+    if len(table) >= 40:  # an untrained model may report next to nothing: nothing to calibrate
+        real = real_detections(movie.truth, table, use_z=sim.psf.kind != "gaussian")
+        calibration = ProbabilityCalibration.fit(table["prob"].to_numpy(), real)
+        table = table.assign(prob=calibration(table["prob"].to_numpy()))
     def figures(metrics: dict, prefix: str = "") -> dict:
         return {prefix + k: float(metrics[k]) if metrics[k] == metrics[k] else 0.0
                 for k in ("jaccard", "precision", "recall")}
@@ -278,6 +289,7 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
+                 probability_calibration=calibration.to_dict() if calibration is not None else None,
                  chosen_on=f"a tuning movie of the {where} physics at {density:g} emitters/µm² ({n_frames} frames "
                            f"of {height}x{width} px, seed {seed}), best Jaccard index of the emitter-frames with "
                            f">= 25 % of the mean photons")

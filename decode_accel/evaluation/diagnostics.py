@@ -84,6 +84,16 @@ def _matches(gt: pd.DataFrame, pred: pd.DataFrame, use_z: bool, dist_lat: float,
     return gt, pred, gi, pi
 
 
+def real_detections(gt: pd.DataFrame, pred: pd.DataFrame, *, use_z: bool = False, dist_lat: float = 250.0,
+                    dist_ax: float = 500.0) -> np.ndarray:
+    """Which localizations of ``pred`` (in its row order) match a true emitter: bool (n_pred,), with the
+    greedy matching of :func:`decode_accel.evaluation.evaluate` (nm)."""
+    _, pred, _, pi = _matches(gt, pred, use_z, dist_lat, dist_ax)
+    real = np.zeros(len(pred), dtype=bool)
+    real[pi] = True
+    return real
+
+
 def detection_reliability(gt: pd.DataFrame, pred: pd.DataFrame, bins: int = 10, *, use_z: bool = False,
                           dist_lat: float = 250.0, dist_ax: float = 500.0) -> dict[str, Any]:
     """Share of real detections per bin of reported probability (a reliability diagram).
@@ -100,9 +110,7 @@ def detection_reliability(gt: pd.DataFrame, pred: pd.DataFrame, bins: int = 10, 
     if "prob" not in pred.columns:
         raise DecodeAccelError("the prediction table has no column 'prob'", field="prediction.prob",
                                fix="use a table written by decode-accel predict")
-    gt, pred, _, pi = _matches(gt, pred, use_z, dist_lat, dist_ax)
-    real = np.zeros(len(pred), dtype=bool)
-    real[pi] = True
+    real = real_detections(gt, pred, use_z=use_z, dist_lat=dist_lat, dist_ax=dist_ax)
     prob = pred["prob"].to_numpy(np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)

@@ -59,11 +59,13 @@ DEFAULT_TILE_SIZE = 512
 class _Resolved:
     """The pieces predict needs, whichever form the model came in."""
 
-    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None):
+    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None, calibration=None):
         self.net, self.px_size_nm, self.camera = net, px_size_nm, camera
         self.n_channels, self.dye_table, self.name = n_channels, dye_table, name
         #: the export's operating threshold (None: the post-processor's default)
         self.threshold = threshold
+        #: the export's probability calibration (dict form; None: report the network's p)
+        self.calibration = calibration
 
 
 def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = None,
@@ -98,7 +100,9 @@ def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = 
         raise DecodeAccelError("no camera to convert ADU to photons", field="camera",
                                fix="pass camera=... (or --camera camera.yaml) or use an export folder, which stores it")
     threshold = None if isinstance(model, torch.nn.Module) else getattr(model, "threshold", None)
-    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold)
+    point = None if isinstance(model, torch.nn.Module) else (getattr(model, "operating_point", None) or {})
+    calibration = point.get("probability_calibration") if point else None
+    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold, calibration)
 
 
 def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
@@ -159,7 +163,7 @@ def _model_fingerprint(net: torch.nn.Module) -> str:
 def _make_postprocessor(resolved: _Resolved, threshold: float | None, postprocessor=None):
     if postprocessor is not None:
         return postprocessor
-    kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table)
+    kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table, calibration=resolved.calibration)
     if threshold is None:
         threshold = resolved.threshold  # the operating point the model was validated at
     if threshold is not None:
@@ -468,7 +472,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
     if outs:
         parts_dir = outs[0].parent / f"{outs[0].name}.parts"
         settings = dict(movie=_movie_signature(movie), frames=[sel.start, sel.stop], chunk_frames=chunk_frames,
-                        model=_model_fingerprint(net), threshold=threshold, px_size_nm=resolved.px_size_nm,
+                        model=_model_fingerprint(net), threshold=getattr(post, "threshold", threshold),
+                        calibration=resolved.calibration, px_size_nm=resolved.px_size_nm,
                         camera=_camera_signature(resolved.camera, movie))
         record = parts_dir / "progress.json"
         if is_main:
