@@ -233,7 +233,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     :func:`tuning_seed`, a range no training stream or reported test movie uses), predicts it once at
     the lowest candidate threshold without calibration, fits a :class:`ProbabilityCalibration` (isotonic:
     the share of real detections against the network's p), and picks the candidate threshold of the
-    calibrated p with the best Jaccard index (ties go to the candidate nearest 0.5). With ``store`` the result is written into the export folder, where
+    calibrated p with the best Jaccard index (ties go to the candidate nearest 0.5). With ``store`` the
+    result is written into the export folder, where
     ``predict`` finds it and uses it by default.
 
     Pass the physics the model is meant for when it was trained on raised physics: the best threshold
