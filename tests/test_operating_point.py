@@ -155,6 +155,9 @@ def test_a_fitted_calibration_recovers_a_known_share_of_real_detections():
     grid = np.linspace(0.1, 0.9, 9)
     assert np.abs(calibration(grid) - np.sqrt(grid)).max() < 0.05
     assert np.all(np.diff(calibration(np.linspace(0, 1, 101))) >= 0)  # monotone: it never reorders detections
+    # below the lowest p it saw, the map falls to 0 at p = 0 (empty background is not made probable)
+    seen_from_03 = ProbabilityCalibration.fit(prob[prob > 0.3], real[prob > 0.3])
+    assert seen_from_03(0.0) == 0.0 and seen_from_03(0.15) < 0.5 * seen_from_03(0.31)
     # the threshold of the calibrated p maps back to the network's own p
     assert calibration.raw_threshold(0.7) == pytest.approx(0.49, abs=0.05)
     as_tensor = calibration(torch.tensor(grid, dtype=torch.float32))

@@ -110,7 +110,12 @@ class ProbabilityCalibration:
         raw = np.array([prob[g].mean() for g in groups])
         cal = np.maximum.accumulate(np.clip([fitted[g].mean() for g in groups], 0.0, 1.0))
         keep = np.concatenate([[True], np.diff(raw) > 0])  # ties of p (e.g. clamped at 1) share a knot
-        return cls(raw[keep], cal[keep])
+        raw, cal = raw[keep], cal[keep]
+        if raw[0] > 0:
+            # below the lowest p seen (the tuning prediction's threshold) the map falls linearly to 0 at p = 0:
+            # extended flat, it would raise the countless near-zero candidates of empty background
+            raw, cal = np.concatenate([[0.0], raw]), np.concatenate([[0.0], cal])
+        return cls(raw, cal)
 
     def __call__(self, prob):
         """The calibrated probability of ``prob`` (numpy array or torch tensor, same type back)."""
