@@ -35,6 +35,7 @@ from decode_accel.errors import DecodeAccelError
 from decode_accel.inference.movie import open_movie
 from decode_accel.io._atomic import atomic_path
 from decode_accel.simulation import Camera, Simulator
+from decode_accel.simulation.camera import roi_origin_from_metadata  # noqa: F401 - lives with the camera's ROI code
 from decode_accel.simulation.config import CameraConfig, SimulationConfig
 from .astigmatism import fit_bead_stack, load_psf_calibration
 from .camera_estimate import mean_variance
@@ -418,40 +419,6 @@ def _match_density(res: CalibrationResult, cam, iterations: int = 2, seed: int =
     res.estimates.append(Estimate("density (matched)", density, density * rel_sd, "1/µm²", "estimated",
                                   f"simulated frames give the movie's detections per frame ({first:.3g} counted); "
                                   "written to the config"))
-
-
-def roi_origin_from_metadata(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(row, col) of the movie's top-left pixel on the chip from Micro-Manager metadata, or None.
-
-    Reads the ``ROI`` entry ("x-y-width-height" or [x, y, width, height], camera px) of the
-    Micro-Manager summary or of the first frame's ``MicroManagerMetadata`` tag.
-    """
-    import json
-
-    import tifffile
-
-    def parse(roi):
-        if isinstance(roi, str):
-            parts = roi.replace(",", "-").split("-")
-        else:
-            parts = list(roi)
-        x, y = int(float(parts[0])), int(float(parts[1]))
-        return (y, x)
-
-    try:
-        with tifffile.TiffFile(os.fspath(path)) as tif:
-            mm = getattr(tif, "micromanager_metadata", None) or {}
-            summary = mm.get("Summary", {}) if isinstance(mm, dict) else {}
-            if isinstance(summary, dict) and summary.get("ROI") is not None:
-                return parse(summary["ROI"])
-            tag = tif.pages[0].tags.get(51123)  # MicroManagerMetadata (JSON) of the first frame
-            if tag is not None:
-                value = tag.value if isinstance(tag.value, dict) else json.loads(tag.value)
-                if value.get("ROI") is not None:
-                    return parse(value["ROI"])
-    except (ValueError, TypeError, KeyError, IndexError, OSError):
-        return None
-    return None
 
 
 def _read_stack(path: str) -> np.ndarray:

@@ -43,7 +43,7 @@ from decode_accel.inference.render import render
 from decode_accel.inference.tiling import (Stitcher, pad_to_canvas, plan_tiles, receptive_field_radius,
                                            size_multiple)
 from decode_accel.io import write_table
-from decode_accel.simulation.camera import Camera
+from decode_accel.simulation.camera import Camera, parse_roi
 from decode_accel.simulation.config import CameraConfig
 from decode_accel.table import empty_table
 
@@ -392,7 +392,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
             tile_size: int | None = DEFAULT_TILE_SIZE, threshold: float | None = None, resume: bool = False,
             cache_features: bool = True, progress: bool = True, device=None, accelerator=None,
             px_size_nm: float | None = None, check_px_size: bool = True, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-            mixed_precision: str | None = None, postprocessor=None, channels_last: bool | None = None) -> pd.DataFrame:
+            mixed_precision: str | None = None, postprocessor=None, channels_last: bool | None = None,
+            camera_roi: tuple[int, int] | None = None) -> pd.DataFrame:
     """Localize every emitter in a movie and return (and optionally write) the table.
 
     Args:
@@ -418,6 +419,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         chunk_frames: frames per resumable part file.
         mixed_precision: 'no', 'bf16' or 'fp16'; default bf16 on CUDA, fp32 elsewhere.
         postprocessor: a callable ``(output, frame_offset=...) -> DataFrame`` replacing the default.
+        camera_roi: (row, col) of the movie's top-left pixel on full-chip sCMOS maps (px); default the
+            camera's ``roi_origin``, else the file's Micro-Manager ROI (see ``Camera.for_movie``).
         channels_last: run the network in channels-last memory format (default: on CPU, where oneDNN's
             convolutions with few channels are about 25 % cheaper that way; the model is restored after).
 
@@ -427,6 +430,9 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
     """
     movie = open_movie(inputs)
     resolved = resolve_model(model, px_size_nm=px_size_nm, camera=camera, frame_shape=(movie.height, movie.width))
+    if hasattr(resolved.camera, "for_movie"):  # the movie's region of per-pixel sCMOS maps (simulation/camera.py)
+        resolved.camera = resolved.camera.for_movie(movie.height, movie.width, camera_roi,
+                                                    path=(getattr(movie, "paths", None) or [None])[0])
     net = resolved.net
     movie.check(n_channels=resolved.n_channels, px_size_nm=resolved.px_size_nm if check_px_size else None)
     sel = parse_frames(frames, movie.n_frames)
@@ -585,6 +591,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", action="append", required=True,
                    help="output table: .csv (ThunderSTORM) and/or .hdf5 (Picasso + .yaml); may repeat")
     p.add_argument("--camera", help="camera YAML overriding the model's camera (ADU -> photons)")
+    p.add_argument("--camera-roi", default=None, help="ROW,COL of the movie's top-left pixel on full-chip sCMOS maps "
+                   "(px); default the camera's roi_origin, else the file's Micro-Manager ROI")
     p.add_argument("--batch-size", type=int, default=None, help="frames per network call")
     p.add_argument("--frames", default=None, help="0-based frame range A:B (B exclusive), e.g. 0:1000")
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, help="tile edge in px (default 512)")
@@ -606,7 +614,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _reuse_large_blocks()  # this process is ours: no page faults per batch (issue 15.1)
     try:
-        df = predict(args.model, args.input if len(args.input) > 1 else args.input[0], out=args.out,
+        roi = parse_roi(args.camera_roi, "--camera-roi")
+        df = predict(args.model, args.input if len(args.input) > 1 else args.input[0], out=args.out, camera_roi=roi,
                      camera=args.camera, batch_size=args.batch_size, frames=args.frames, tile_size=args.tile_size,
                      threshold=args.threshold, resume=args.resume, cache_features=not args.no_cache,
                      progress=not args.no_progress, device=args.device, check_px_size=not args.ignore_px_size)

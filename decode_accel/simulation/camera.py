@@ -274,6 +274,99 @@ class Camera:
         other.cfg = self.cfg.model_copy(update={"roi_origin": other.roi_origin})
         return other
 
+    def for_movie(self, height: int, width: int, roi_origin=None, *, path=None,
+                  flag: str = "--camera-roi") -> "Camera":
+        """The camera that converts a movie of ``height`` x ``width`` px, with its region of the maps checked.
+
+        ``roi_origin``: (row, col) of the movie's top-left pixel on the sCMOS maps, as the user gave
+        it (``flag`` names where, in errors). Without it: the config's ``roi_origin``, else the ROI in
+        the movie file's Micro-Manager metadata (``path``), else the maps must have the movie's size.
+        Without per-pixel maps the camera is the same everywhere and is returned as it is. Raises a
+        one-line :class:`DecodeAccelError` when the region does not fit the maps or is unknown.
+        """
+        H, W = int(height), int(width)
+        if self.map_shape is None:
+            return self
+        mh, mw = self.map_shape
+        given = roi_origin is not None
+        where = flag
+        if roi_origin is None and self.roi_origin is not None:
+            roi_origin, where = self.roi_origin, "camera.roi_origin"
+        if roi_origin is None and (mh, mw) != (H, W) and path is not None:
+            roi_origin, where = roi_origin_from_metadata(path), "the movie's ROI metadata"
+        if roi_origin is None:
+            if (mh, mw) == (H, W):
+                return self
+            raise DecodeAccelError(f"the movie is {H}x{W} px but the sCMOS maps are {mh}x{mw} px and the movie's "
+                                   "place on the chip is unknown", path=path, field=flag,
+                                   fix=f"give {flag} ROW,COL of the movie's top-left pixel on the maps, or set "
+                                       "camera.roi_origin: [row, col]" if (H <= mh and W <= mw)
+                                   else "give maps that cover the movie (the full chip)")
+        try:
+            r, c = (int(v) for v in roi_origin)
+        except (TypeError, ValueError):
+            raise DecodeAccelError(f"ROI origin {roi_origin!r} is not two integers", field=where,
+                                   fix="give ROW,COL in px, e.g. 128,0") from None
+        if r < 0 or c < 0 or r + H > mh or c + W > mw:
+            fix = (f"give the movie's top-left pixel on the chip: row 0..{mh - H}, col 0..{mw - W}" if H <= mh and W <= mw
+                   else "give maps that cover the movie (the full chip)")
+            raise DecodeAccelError(f"a {H}x{W} px movie at (row {r}, col {c}) does not fit the {mh}x{mw} px sCMOS maps",
+                                   path=path if not given else None, field=where, fix=fix)
+        if self.roi_origin == (r, c):
+            return self
+        return self.with_roi((r, c))
+
     def excess_noise_factor(self) -> float:
         """Noise factor F² of the gain register: 2 for an EMCCD, 1 otherwise (divides the Fisher information)."""
         return 2.0 if self.kind == "emccd" else 1.0
+
+
+def parse_roi(text: str | None, flag: str = "--camera-roi") -> tuple[int, int] | None:
+    """``"ROW,COL"`` (px) -> (row, col); None stays None. A bad value is a one-line error naming ``flag``."""
+    if text is None:
+        return None
+    parts = str(text).replace(" ", "").split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        r, c = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise DecodeAccelError(f"{text!r} is not ROW,COL", field=flag,
+                               fix="give the movie's top-left pixel on the sCMOS maps as two integers, e.g. 128,0") from None
+    if r < 0 or c < 0:
+        raise DecodeAccelError(f"ROI origin ({r}, {c}) is negative", field=flag, fix="give ROW,COL >= 0 (px)")
+    return (r, c)
+
+
+def roi_origin_from_metadata(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(row, col) of the movie's top-left pixel on the chip from Micro-Manager metadata, or None.
+
+    Reads the ``ROI`` entry ("x-y-width-height" or [x, y, width, height], camera px) of the
+    Micro-Manager summary or of the first frame's ``MicroManagerMetadata`` tag.
+    """
+    import json
+
+    import tifffile
+
+    def parse(roi):
+        if isinstance(roi, str):
+            parts = roi.replace(",", "-").split("-")
+        else:
+            parts = list(roi)
+        x, y = int(float(parts[0])), int(float(parts[1]))
+        return (y, x)
+
+    try:
+        with tifffile.TiffFile(os.fspath(path)) as tif:
+            mm = getattr(tif, "micromanager_metadata", None) or {}
+            summary = mm.get("Summary", {}) if isinstance(mm, dict) else {}
+            if isinstance(summary, dict) and summary.get("ROI") is not None:
+                return parse(summary["ROI"])
+            tag = tif.pages[0].tags.get(51123)  # MicroManagerMetadata (JSON) of the first frame
+            if tag is not None:
+                value = tag.value if isinstance(tag.value, dict) else json.loads(tag.value)
+                if value.get("ROI") is not None:
+                    return parse(value["ROI"])
+    except (ValueError, TypeError, KeyError, IndexError, OSError):
+        return None
+    return None
