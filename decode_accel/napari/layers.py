@@ -1,0 +1,133 @@
+"""Localization tables, renders and probability maps as napari layer data (``(data, kwargs, type)``).
+
+Nothing here imports napari: the tuples are what a napari reader returns and what
+``viewer._add_layer_from_data`` / ``napari.layers.Layer.create`` take, so they are testable anywhere.
+
+Coordinates (world = nm, DESIGN "Fixed conventions"): a camera pixel (row i, column j) has its centre at
+y = (i + 0.5)·px, x = (j + 0.5)·px. napari puts an image pixel's centre at ``index * scale + translate``,
+so a movie is shown with scale px and translate px/2, a render with its own pixel size r and translate
+r/2, and points at their table values (frame, y, x).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["movie_transform", "points_layer_data", "render_layer_data", "probability_layer_data",
+           "POINT_FEATURES", "DYE_COLORS"]
+
+#: table columns carried as point features (shown in napari's status bar under the cursor), when present
+POINT_FEATURES = ("prob", "photons", "x_sigma", "y_sigma", "z", "z_sigma", "bg", "photons_sigma", "ratio",
+                  "ratio_sigma", "photons_ch1", "photons_ch2", "color", "color_prob", "id")
+#: face colours of dyes 0, 1, 2, ... (colour by dye); unassigned rows (color = -1) are grey
+DYE_COLORS = ("#00d0ff", "#ff3080", "#ffd000", "#60ff60", "#b070ff")
+UNASSIGNED_COLOR = "#808080"
+
+
+def movie_transform(px_size_nm: float, ndim: int = 3) -> dict:
+    """``scale``/``translate``/``units`` that put a camera movie ``(T, [C,] H, W)`` into nm world coordinates."""
+    px = float(px_size_nm)
+    lead = ndim - 2
+    return dict(scale=(1.0,) * lead + (px, px), translate=(0.0,) * lead + (px / 2, px / 2),
+                units=("pixel",) * lead + ("nm", "nm"))
+
+
+def _uncertainty(table: pd.DataFrame) -> np.ndarray | None:
+    """Lateral 1-sigma uncertainty (nm) per row: the RMS of x_sigma and y_sigma (ThunderSTORM's uncertainty_xy)."""
+    if "x_sigma" in table.columns and "y_sigma" in table.columns:
+        sx = table["x_sigma"].to_numpy(np.float64)
+        sy = table["y_sigma"].to_numpy(np.float64)
+        return np.sqrt(0.5 * (sx ** 2 + sy ** 2))
+    return None
+
+
+def dye_names(table: pd.DataFrame, dye_table=None) -> np.ndarray:
+    """Per row: the dye's name from the dye table (``dye<k>`` without one), ``unassigned`` for colour -1."""
+    color = table["color"].to_numpy() if "color" in table.columns else np.full(len(table), -1)
+    names = [str(d.get("name", f"dye{k}")) if isinstance(d, dict) else str(getattr(d, "name", f"dye{k}"))
+             for k, d in enumerate(dye_table or [])]
+    out = []
+    for c in color:
+        c = int(c) if np.isfinite(c) else -1
+        out.append("unassigned" if c < 0 else names[c] if c < len(names) else f"dye{c}")
+    return np.asarray(out, dtype=object)
+
+
+def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, color_by: str = "probability",
+                      dye_table=None, name: str = "localizations", size_nm: float | None = None,
+                      metadata: dict | None = None) -> tuple:
+    """A localization table (nm, 0-based frames) as a 3D points layer ``(frame, y, x)`` in nm.
+
+    Args:
+        table: localization table (decode_accel.table); ``attrs`` may carry px_size_nm.
+        px_size_nm: camera pixel size (nm): sets the default point size (0.6 px) and goes into metadata.
+        color_by: ``'probability'`` (viridis over prob 0-1) or ``'dye'`` (one colour per assigned dye).
+        dye_table: dye rows ``{name, ...}`` for the names of colour-by-dye.
+        size_nm: point diameter (nm); default 0.6 camera pixels (60 nm without a pixel size).
+
+    Returns:
+        ``(data, kwargs, "points")``; the features hold prob, photons, x_sigma, y_sigma, uncertainty
+        (lateral, nm), z and whatever else of :data:`POINT_FEATURES` the table has, plus ``dye``.
+    """
+    if color_by not in ("probability", "dye"):
+        raise ValueError(f"color_by must be 'probability' or 'dye', got {color_by!r}")
+    px = px_size_nm if px_size_nm is not None else (table.attrs or {}).get("px_size_nm")
+    n = len(table)
+    if n:
+        data = np.column_stack([table["frame"].to_numpy(np.float64), table["y"].to_numpy(np.float64),
+                                table["x"].to_numpy(np.float64)])
+    else:
+        data = np.zeros((0, 3))
+    features = pd.DataFrame({c: table[c].to_numpy() for c in POINT_FEATURES if c in table.columns})
+    unc = _uncertainty(table)
+    if unc is not None:
+        features["uncertainty"] = unc
+    features["dye"] = dye_names(table, dye_table)
+    kwargs = dict(name=name, ndim=3, features=features, size=float(size_nm or 0.6 * (px or 100.0)),
+                  units=("pixel", "nm", "nm"),
+                  border_width=0, opacity=0.9, symbol="disc",
+                  metadata=dict(metadata or {}, px_size_nm=px, n_localizations=n, color_by=color_by))
+    if n and color_by == "probability" and "prob" in features.columns:
+        kwargs.update(face_color="prob", face_colormap="viridis", face_contrast_limits=(0.0, 1.0))
+    elif n and color_by == "dye":
+        cycle = {}
+        for k, d in enumerate(dye_table or []):
+            label = dye_names(pd.DataFrame({"color": [k]}), dye_table)[0]
+            cycle[label] = DYE_COLORS[k % len(DYE_COLORS)]
+        for label in sorted(set(features["dye"])):
+            if label not in cycle:
+                cycle[label] = UNASSIGNED_COLOR if label == "unassigned" else DYE_COLORS[len(cycle) % len(DYE_COLORS)]
+        kwargs.update(face_color=[cycle[d] for d in features["dye"]])
+    else:
+        kwargs.update(face_color="#ffd000")
+    return data, kwargs, "points"
+
+
+def render_layer_data(image: np.ndarray, *, render_px_nm: float, name: str = "render",
+                      percentile: float = 99.5) -> tuple:
+    """A rendered super-resolution image (decode_accel.inference.render) as an image layer in nm.
+
+    The contrast is stretched to the ``percentile`` of the non-zero pixels, as ``render.save_image`` does.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    nz = img[img > 0]
+    vmax = float(np.percentile(nz, percentile)) if nz.size else 1.0
+    r = float(render_px_nm)
+    kwargs = dict(name=name, scale=(r, r), translate=(r / 2, r / 2), units=("nm", "nm"), colormap="hot",
+                  blending="additive",
+                  contrast_limits=(0.0, vmax if vmax > 0 else 1.0), metadata=dict(render_px_nm=r))
+    return img, kwargs, "image"
+
+
+def probability_layer_data(p: np.ndarray, *, px_size_nm: float, frame: int,
+                           name: str = "detection probability") -> tuple:
+    """The network's per-pixel detection probability of one frame ``(H, W)`` as an image layer in nm."""
+    p = np.asarray(p, dtype=np.float32)
+    while p.ndim > 2:  # (C, H, W): the most probable channel per pixel
+        p = p.max(axis=0)
+    px = float(px_size_nm)
+    kwargs = dict(name=name, scale=(px, px), translate=(px / 2, px / 2), units=("nm", "nm"), colormap="magma",
+                  blending="additive",
+                  contrast_limits=(0.0, 1.0), opacity=0.7, metadata=dict(frame=int(frame), px_size_nm=px))
+    return p, kwargs, "image"
