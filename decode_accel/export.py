@@ -34,6 +34,7 @@ import torch
 
 import decode_accel
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._atomic import fsync_tree, swap_folder
 from decode_accel.models.config import ARCHITECTURES
 from decode_accel.simulation.camera import Camera
 from decode_accel.simulation.config import SimulationConfig
@@ -271,13 +272,6 @@ def _copy_assets(sim_data: dict, folder: Path) -> dict:
     return sim_data
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulation_config: Any,
                  metrics: Mapping[str, Any] | None = None, training_config: Any = None,
                  accelerator=None, name: str | None = None,
@@ -359,14 +353,8 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(name or out_dir.name, meta, sim))
-        _fsync_tree(tmp)
-        aside = None
-        if out_dir.exists():
-            aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, aside)
-        os.replace(tmp, out_dir)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        fsync_tree(tmp)
+        swap_folder(tmp, out_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DecodeAccelError(f"cannot write the export: {err.strerror or err}", path=out_dir,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from decode_accel.data import (BatchCollator, CurriculumStage, DifficultySchedule, SimulatedWindowStream,
+from decode_accel.data import (BatchCollator, DifficultyStage, DifficultySchedule, SimulatedWindowStream,
                                collate_samples)
 from decode_accel.data.stream import apply_overrides
 from decode_accel.errors import DecodeAccelError
@@ -108,11 +108,11 @@ def test_a_resume_point_inside_a_chunk_is_refused():
 
 def test_a_difficulty_schedule_switches_stage_at_its_start_sample_and_step():
     sched = DifficultySchedule([{"start_step": 2, "overrides": {"bg": (9.0, 9.0)}},
-                                CurriculumStage(start_sample=4, overrides={"photons": 10.0})], samples_per_step=8)
+                                DifficultyStage(start_sample=4, overrides={"photons": 10.0})], samples_per_step=8)
     assert sched(3) == {} and sched(4) == {"photons": 10.0} and sched(15) == {"photons": 10.0}
     assert sched(16) == {"bg": (9.0, 9.0)}
     with pytest.raises(ValueError):
-        CurriculumStage(overrides={})  # neither start given
+        DifficultyStage(overrides={})  # neither start given
 
 
 def test_overrides_accept_short_names_and_dotted_paths_and_reject_unknown_fields():
@@ -128,8 +128,8 @@ def test_overrides_accept_short_names_and_dotted_paths_and_reject_unknown_fields
 def test_a_dataloader_worker_process_applies_the_curriculum_stage_of_each_sample():
     # background fixed to 10 photons/px before sample 8 and to 200 from sample 8 on: the expected-background
     # target of every sample tells which stage the worker process used
-    sched = DifficultySchedule([CurriculumStage(start_sample=0, overrides={"bg": (10.0, 10.0)}),
-                                CurriculumStage(start_sample=8, overrides={"bg": (200.0, 200.0)})])
+    sched = DifficultySchedule([DifficultyStage(start_sample=0, overrides={"bg": (10.0, 10.0)}),
+                                DifficultyStage(start_sample=8, overrides={"bg": (200.0, 200.0)})])
     stream = SimulatedWindowStream(CFG, base_seed=0, difficulty_schedule=pickle.loads(pickle.dumps(sched)),
                                    clips_per_call=2, worker_block_size=4)
     loader = DataLoader(stream, batch_size=4, num_workers=2, collate_fn=BatchCollator())

@@ -60,7 +60,7 @@ def test_multi_channel_training_example(tmp_path):
     loss_fn = UnifiedLoss(ch1_weight=1.0, ch2_weight=1.0, ratio_weight=0.5, conservation_weight=0.1,
                           uncertainty_weight=0.1, scaling=model.scaling)
     from decode_accel.inference.postprocess import PostProcessor
-    from decode_accel.training.builders import dye_table
+    from decode_accel.export import dye_table
     trainer = MultiChannelTrainer(
         model=model, loss_fn=loss_fn,
         optimizer_config={'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4},

@@ -149,7 +149,7 @@ def test_device_values_act_or_are_refused(monkeypatch, caplog):
         selected, built = [], []
         monkeypatch.delenv("WORLD_SIZE")
         monkeypatch.setattr(torch.cuda, "set_device", selected.append)
-        monkeypatch.setattr("decode_accel.training.trainer.Accelerator", lambda **kw: built.append(kw) or "acc")
+        monkeypatch.setattr("decode_accel.training.settings.Accelerator", lambda **kw: built.append(kw) or "acc")
         assert make_accelerator("cuda:0") == "acc"
         # the requested GPU became the current one before the (single-process) Accelerator was made for it
         assert selected == [0] and built[0]["cpu"] is False and built[0]["mixed_precision"] == "bf16"

@@ -49,7 +49,7 @@ import torch
 from decode_accel import __version__
 from decode_accel.errors import DecodeAccelError
 from decode_accel.io import write_thunderstorm_csv
-from decode_accel.io._atomic import temporary_path
+from decode_accel.io._atomic import atomic_path
 from decode_accel.simulation import Camera, Simulator
 from decode_accel.simulation.config import CameraConfig, SimulationConfig
 
@@ -172,11 +172,6 @@ def _compact_bg(bg: np.ndarray) -> np.ndarray:
     return bg
 
 
-def _atomic_target(path: Path) -> Path:
-    """A new temporary file next to ``path`` (mode 0666 less the umask), to be moved onto it."""
-    return temporary_path(path)
-
-
 def write_hdf5(path: str | os.PathLike, movie: Any, config: Any = None, *, px_size: float | None = None,
                camera: dict[str, Any] | None = None, psf: dict[str, Any] | None = None) -> Path:
     """Write a movie to ``path`` in the decode_accel HDF5 format (atomic: temp file, then ``os.replace``).
@@ -217,8 +212,7 @@ def write_hdf5(path: str | os.PathLike, movie: Any, config: Any = None, *, px_si
     emitters = emitters.sort_values("frame", kind="stable") if len(emitters) else emitters
     n = len(emitters)
 
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             n_frames, c, h, w = frames.shape
             f.create_dataset("frames", data=frames, chunks=(1, c, h, w) if n_frames else None,
@@ -250,10 +244,6 @@ def write_hdf5(path: str | os.PathLike, movie: Any, config: Any = None, *, px_si
             f.attrs["psf"] = json.dumps(psf, default=_json_default)
             f.attrs["simulation_config"] = json.dumps(cfg)
             f.attrs["created_by"] = f"decode_accel {__version__}"
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -429,14 +419,9 @@ def export_tiff_and_csv(source: str | os.PathLike | MovieFile, tiff_path: str | 
     if frames.dtype != np.uint16:
         frames = np.clip(np.round(frames), 0, 65535).astype(np.uint16)
     data, axes = (frames[:, 0], "TYX") if movie.n_channels == 1 else (frames, "TCYX")
-    tmp = _atomic_target(tiff_path)
-    try:
+    with atomic_path(tiff_path) as tmp:
         tifffile.imwrite(tmp, data, imagej=True, metadata={"axes": axes, "unit": "nm", "spacing": 1.0},
                          resolution=(1.0 / movie.px_size, 1.0 / movie.px_size))
-        os.replace(tmp, tiff_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
     table = movie.emitters.copy()
     if len(table):

@@ -61,7 +61,7 @@ from decode_accel.errors import DecodeAccelError
 from decode_accel.simulation import Simulator
 
 __all__ = [
-    "sample_seed", "CurriculumStage", "DifficultySchedule", "apply_overrides", "SimulatedWindowStream",
+    "sample_seed", "DifficultyStage", "DifficultySchedule", "apply_overrides", "SimulatedWindowStream",
     "OVERRIDE_ALIASES",
 ]
 
@@ -90,7 +90,7 @@ def sample_seed(base_seed: int, index: int, stream_id: int = 0, clips_per_call: 
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-class CurriculumStage(StrictModel):
+class DifficultyStage(StrictModel):
     """One stage of a difficulty schedule: from a sample (or optimizer step) on, apply these simulator overrides."""
 
     start_sample: int | None = Field(None, ge=0, description="first global sample index of the stage (samples)")
@@ -101,7 +101,7 @@ class CurriculumStage(StrictModel):
                     "density (1/µm²), emitters_per_frame, photons (photons), photons_sd, bg (photons/px range)")
 
     @model_validator(mode="after")
-    def _one_start(self) -> "CurriculumStage":
+    def _one_start(self) -> "DifficultyStage":
         if (self.start_sample is None) == (self.start_step is None):
             raise ValueError("give exactly one of start_sample or start_step")
         return self
@@ -111,15 +111,15 @@ class DifficultySchedule:
     """Piecewise-constant map from the global sample index to simulator overrides (picklable).
 
     Args:
-        stages: :class:`CurriculumStage` objects or dicts with ``start_sample`` or ``start_step`` and ``overrides``.
+        stages: :class:`DifficultyStage` objects or dicts with ``start_sample`` or ``start_step`` and ``overrides``.
             Before the first stage starts, no overrides apply; each stage's overrides apply to the base config
             (stages do not accumulate: repeat a value in a later stage to keep it).
         samples_per_step: samples consumed per optimizer step by the whole run (batch_size · world_size ·
             accumulation); needed when a stage starts at a step.
     """
 
-    def __init__(self, stages: Sequence[CurriculumStage | Mapping[str, Any]], samples_per_step: int | None = None):
-        parsed = [s if isinstance(s, CurriculumStage) else CurriculumStage.model_validate(dict(s)) for s in stages]
+    def __init__(self, stages: Sequence[DifficultyStage | Mapping[str, Any]], samples_per_step: int | None = None):
+        parsed = [s if isinstance(s, DifficultyStage) else DifficultyStage.model_validate(dict(s)) for s in stages]
         starts = []
         for s in parsed:
             if s.start_sample is not None:

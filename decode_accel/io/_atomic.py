@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file in the target folder, then os.replace.
+"""Atomic file writes: write to a temporary file (or folder) next to the target, then os.replace.
 
 A reader (or a crash) never sees a half-written file: the old file stays until the new one is complete.
 Every file the project writes atomically goes through :func:`create_temporary_file`, which creates the
@@ -10,8 +10,10 @@ could not read.)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +86,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise DecodeAccelError(f"cannot write: {err.strerror or err}", path=path,
                                fix="free disk space or choose a writable folder") from None
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file below ``folder`` (before it is renamed into place)."""
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def fsync_folder(path: str | os.PathLike) -> None:
+    """fsync a folder's entry list (a rename into it is then durable); file systems that cannot are ignored."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some file systems cannot fsync directories; the data files are synced already
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+    finally:
+        os.close(fd)
+
+
+def swap_folder(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the complete folder ``tmp`` onto ``target``: an existing ``target`` is renamed aside first and
+    removed after, so a reader sees the old folder or the new one, never a mix."""
+    tmp, target = Path(tmp), Path(target)
+    aside = None
+    if target.exists():
+        aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, aside)
+    os.replace(tmp, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def writable_folder(path: str | os.PathLike, *, field: str | None = None,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.models.scaling import Scaling
 
 # Normalised (unit-free) sigmas below this are lifted to it. It sits below the floor the models put on
 # their sigma heads (eps = 1e-3 before scaling), so it only guards against exact zeros from other models.
@@ -58,10 +59,6 @@ def _scaling_value(scaling: Any, name: str) -> float | None:
 def _default_scaling() -> Any:
     """The model package's default Scaling, so that a loss built with no arguments (the seed's
     ``RatioGaussianNLLLoss()``) normalises like a model built with no arguments."""
-    try:
-        from decode_accel.models import Scaling  # noqa: PLC0415 - optional, the models may not define it
-    except ImportError:
-        return None
     try:
         return Scaling()
     except Exception:  # a Scaling without defaults for every field: fall back to the constants

@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.export import unwrap_model
+from decode_accel.io._atomic import fsync_folder, swap_folder
+from decode_accel.training.hooks import improved
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +113,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some file systems cannot fsync directories; the data files are synced already
-        if err.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
-            raise
-    finally:
-        os.close(fd)
+_fsync_path = fsync_folder
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -568,14 +562,8 @@ class CheckpointManager:
         }
         _write_bytes(tmp / MANIFEST, _to_json(manifest, "manifest"))
         _fsync_path(tmp)
-        aside = None
-        if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
-            aside = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, aside)
-        os.replace(tmp, final)
+        swap_folder(tmp, final)  # the same step saved again (e.g. after a resume): swap, then drop the old one
         _fsync_path(self.save_dir)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
 
     def _prune(self) -> None:
         entries = self._scan()
@@ -592,9 +580,9 @@ class CheckpointManager:
         consecutive recorded values after its best one."""
         if patience < 1 or len(self.history) <= patience:
             return False
-        best_index, best = 0, self.history[0][1]
-        for i, (_, v) in enumerate(self.history[1:], start=1):
-            if (best - v > min_delta) if self.mode == "min" else (v - best > min_delta):
+        best_index, best = 0, None
+        for i, (_, v) in enumerate(self.history):  # the EarlyStopping hook's rule of improvement
+            if improved(v, best, self.mode, min_delta):
                 best_index, best = i, v
         return len(self.history) - 1 - best_index >= patience
 

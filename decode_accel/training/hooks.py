@@ -50,6 +50,7 @@ import torch
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.loss.distillation import DistillationLoss
+from decode_accel.training.config.sections import seed_stage_names
 from decode_accel.training.monitor import robust_location_scale
 
 logger = logging.getLogger("decode_accel.training")
@@ -126,7 +127,9 @@ def _metric(metrics: dict, name: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` improves on ``best`` by more than ``min_delta`` (``mode`` min or max): the one rule
+    of early stopping, plateau LR and ``CheckpointManager.should_stop_early``."""
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
@@ -160,12 +163,8 @@ class CurriculumHook(Hook):
     """
 
     def __init__(self, stages: Iterable[Any]):
-        self.stages = [s.model_dump() if hasattr(s, "model_dump") else dict(s) for s in stages]
+        self.stages = [seed_stage_names(s.model_dump() if hasattr(s, "model_dump") else dict(s)) for s in stages]
         for i, s in enumerate(self.stages):
-            if "end_epoch" in s and "until_epoch" not in s:  # the seed's name
-                s["until_epoch"] = s.pop("end_epoch")
-            if "learning_rate" in s and "lr" not in s:
-                s["lr"] = s.pop("learning_rate")
             if s.get("until_epoch") is None and s.get("until_step") is None and i < len(self.stages) - 1:
                 raise DecodeAccelError("stage has neither until_epoch nor until_step", field=f"curriculum.{i}",
                                        fix="give the epoch (or optimizer update) where the stage ends")
@@ -290,7 +289,7 @@ class EarlyStopping(Hook):
 
     def on_eval_end(self, trainer, metrics):
         value = _metric(metrics, self.monitor)
-        if value is not None and _better(value, self.best, self.mode, self.min_delta):
+        if value is not None and improved(value, self.best, self.mode, self.min_delta):
             self.best, self.wait = value, 0
         else:
             self.wait += 1
@@ -333,7 +332,7 @@ class ReduceLROnPlateauHook(Hook):
         if value is None:
             return
         rel = abs(self.best) * self.threshold if self.best is not None else 0.0
-        if _better(value, self.best, self.mode, rel):
+        if improved(value, self.best, self.mode, rel):
             self.best, self.wait = value, 0
             return
         if self.cooldown_left > 0:

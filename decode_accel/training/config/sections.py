@@ -349,6 +349,17 @@ class LossSchedulingConfig(StrictModel):
         return v
 
 
+def seed_stage_names(stage: dict) -> dict:
+    """A curriculum stage with the seed's names (``end_epoch``, ``learning_rate``) as ours (``until_epoch``,
+    ``lr``): the one mapping, used by this section and by ``CurriculumHook``."""
+    stage = dict(stage)
+    if "end_epoch" in stage and "until_epoch" not in stage:
+        stage["until_epoch"] = stage.pop("end_epoch")
+    if "learning_rate" in stage and "lr" not in stage:
+        stage["lr"] = stage.pop("learning_rate")
+    return stage
+
+
 class CurriculumStage(StrictModel):
     """One curriculum stage: settings that hold until an epoch or step is reached."""
 
@@ -366,13 +377,7 @@ class CurriculumStage(StrictModel):
     @classmethod
     def _seed_names(cls, data):
         # The seed's CurriculumTrainer uses end_epoch and learning_rate.
-        if isinstance(data, dict):
-            data = dict(data)
-            if "end_epoch" in data and "until_epoch" not in data:
-                data["until_epoch"] = data.pop("end_epoch")
-            if "learning_rate" in data and "lr" not in data:
-                data["lr"] = data.pop("learning_rate")
-        return data
+        return seed_stage_names(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _one_end(self) -> "CurriculumStage":
