@@ -52,6 +52,31 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+def elu_inference_(x: torch.Tensor) -> torch.Tensor:
+    """ELU (alpha 1) of ``x`` IN PLACE, for inference on the CPU: ``max(x, exp(min(x, 0)) - 1)``.
+
+    The same function as ``F.elu`` (for x > 0: max(x, 0) = x; for x <= 0: exp(x) - 1 >= x), within one
+    float rounding of ``expm1`` (6e-8 absolute), but built from vectorised passes: PyTorch's CPU ELU
+    evaluates ``expm1`` element by element, and was 26 % of the network's CPU time at inference
+    (2.1 M elements: 11.7 ms against 8.3 ms, one thread, issue 15.1). No autograd: inference only.
+    """
+    e = torch.clamp(x, max=0.0).exp_().sub_(1.0)
+    return torch.maximum(x, e, out=x)
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``; at inference on the CPU each ELU (alpha 1) after another layer runs as
+    :func:`elu_inference_` on that layer's fresh output (training and other devices: the modules as they are)."""
+    fast = not torch.is_grad_enabled() and x.device.type == "cpu"
+    for index, layer in enumerate(layers):
+        if (fast and type(layer) is nn.ELU and layer.alpha == 1.0 and index > 0
+                and isinstance(layers[index - 1], (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d))):
+            x = elu_inference_(x)
+        else:
+            x = layer(x)
+    return x
+
+
 class ConvBlock(nn.Sequential):
     """Two padded 3x3 convolutions, each followed by optional normalisation and the activation.
 
@@ -71,6 +96,9 @@ class ConvBlock(nn.Sequential):
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
         super().__init__(*[layer for layer in layers if not isinstance(layer, nn.Identity)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_layers(self, x)
 
 
 class UNet2d(nn.Module):
