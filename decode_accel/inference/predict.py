@@ -223,8 +223,8 @@ class _FrameStream:
         last = self.movie.n_frames - 1
         lo, hi = max(a - 1, 0), min(b, last)
         t = np.arange(a, b)
-        prev, nxt = np.maximum(t - 1, 0) - lo, np.minimum(t + 1, last) - lo
-        cur = t - lo
+        prev, nxt = _index(np.maximum(t - 1, 0) - lo), _index(np.minimum(t + 1, last) - lo)
+        cur = _index(t - lo)
         stitch = Stitcher(self.plan)
         if not self.cache:
             photons = self._photons(lo, hi)
@@ -268,6 +268,14 @@ class _FrameStream:
                 buf[:len(keep)].copy_(keep)
             self.ring[k] = (keep_from, len(keep))
         return stitch.result()
+
+
+def _index(rows: np.ndarray):
+    """Rows of a batch as a slice when they are consecutive (a view, no copy: every window but those at the
+    movie's first and last frame), else as an index array (a gathered copy)."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool(np.all(np.diff(rows) == 1)):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
 
 
 #: pixels (frames x height x width) to process between two returns of freed heap memory to the system.
