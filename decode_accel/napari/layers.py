@@ -61,10 +61,11 @@ def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, c
 
     Args:
         table: localization table (decode_accel.table); ``attrs`` may carry px_size_nm.
-        px_size_nm: camera pixel size (nm): sets the default point size (0.6 px) and goes into metadata.
+        px_size_nm: camera pixel size (nm): sets the default point size (1.5 px) and goes into metadata.
         color_by: ``'probability'`` (viridis over prob 0-1) or ``'dye'`` (one colour per assigned dye).
         dye_table: dye rows ``{name, ...}`` for the names of colour-by-dye.
-        size_nm: point diameter (nm); default 0.6 camera pixels (60 nm without a pixel size).
+        size_nm: ring diameter (nm); default 1.5 camera pixels (150 nm without a pixel size), so the spot
+            stays visible inside it.
 
     Returns:
         ``(data, kwargs, "points")``; the features hold prob, photons, x_sigma, y_sigma, uncertainty
@@ -84,9 +85,9 @@ def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, c
     if unc is not None:
         features["uncertainty"] = unc
     features["dye"] = dye_names(table, dye_table)
-    kwargs = dict(name=name, ndim=3, features=features, size=float(size_nm or 0.6 * (px or 100.0)),
+    kwargs = dict(name=name, ndim=3, features=features, size=float(size_nm or 1.5 * (px or 100.0)),
                   units=("pixel", "nm", "nm"),
-                  border_width=0, opacity=0.9, symbol="disc",
+                  border_width=0, opacity=0.9, symbol="ring",
                   metadata=dict(metadata or {}, px_size_nm=px, n_localizations=n, color_by=color_by))
     if n and color_by == "probability" and "prob" in features.columns:
         kwargs.update(face_color="prob", face_colormap="viridis", face_contrast_limits=(0.0, 1.0))
