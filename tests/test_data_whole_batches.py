@@ -101,9 +101,7 @@ def test_build_loaders_passes_the_simulator_device(monkeypatch):
     from decode_accel.training.config import TrainingConfig
 
     seen = []
-    import decode_accel.data as data_module
-
-    monkeypatch.setattr(data_module, "create_dataloader", lambda path, cfg, mode, **kw: seen.append(cfg) or None)
+    monkeypatch.setattr(builders, "create_dataloader", lambda path, cfg, mode, **kw: seen.append(cfg) or None)
     config = TrainingConfig.model_validate({"data": {"sim_device": "cuda", "val_samples": 4}})
     builders.build_loaders(config)
     assert [c.get("sim_device") for c in seen] == ["cuda", "cuda"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -298,24 +299,26 @@ def _export_and_movie(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_full_or_read_only_disk_during_predict_gives_one_line_and_keeps_the_previous_table(
         tmp_path, monkeypatch, capsys, code):
-    import decode_accel.io as io_module
     from decode_accel.cli import main
+
+    # predict's own name for decode_accel.io.write_table (the package's `predict` is the function)
+    predict_module = importlib.import_module("decode_accel.inference.predict")
 
     export, movie = _export_and_movie(tmp_path)
     out = tmp_path / "locs.csv"
     out.write_text("previous results\n")
 
-    real = io_module.write_table
+    real = predict_module.write_table
 
     def failing(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(out))
 
-    monkeypatch.setattr(io_module, "write_table", failing)
+    monkeypatch.setattr(predict_module, "write_table", failing)
     try:
         rc = main(["predict", "--model", str(export), "--input", str(movie), "--out", str(out), "--no-progress",
                    "--threshold", "0.01"])
     finally:
-        monkeypatch.setattr(io_module, "write_table", real)
+        monkeypatch.setattr(predict_module, "write_table", real)
     err = capsys.readouterr().err.strip()
     assert rc != 0
     assert len(err.splitlines()) == 1 and "Traceback" not in err and str(out) in err
