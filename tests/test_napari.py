@@ -161,9 +161,10 @@ def oracle_model(camera, threshold=0.5):
 
 
 def open_widget(viewer, tif):
+    """Open the movie with napari's own reader and the widget as a user does (Plugins menu, via napari.yaml)."""
     layer = viewer.open(str(tif), plugin="napari")[0]
-    widget = PredictWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Predict localizations")
+    _, widget = viewer.window.add_plugin_dock_widget("decode_accel", "Predict localizations")
+    assert isinstance(widget, PredictWidget)
     widget.image.value = layer
     return widget, layer
 
