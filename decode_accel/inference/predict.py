@@ -332,6 +332,18 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def _release_after_part() -> None:
+    """After a part file: hand back what the part writer (pyarrow's memory pool) and the chunk's freed rows
+    hold. Without it a 1200-frame run of 256 x 256 (1000-frame chunks) sat about 50 MiB higher after its
+    first part file and peaked 69 MiB above a 300-frame run; in one chunk it peaked 2 MiB below (issue 11.3)."""
+    try:
+        import pyarrow as pa
+        pa.default_memory_pool().release_unused()
+    except Exception:  # noqa: BLE001 - an older pyarrow without release_unused: only the heap trim
+        pass
+    _release_freed_memory()
+
+
 def _resolve_device(device, accelerator):
     if accelerator is not None:
         return accelerator.device
@@ -541,6 +553,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
             table = _merge_rows(rows)
             if parts_dir is not None:
                 _write_part(table, parts_dir / f"part-{i:06d}.parquet")
+                del table
+                _release_after_part()
                 if is_main:
                     rec = json.loads((parts_dir / "progress.json").read_text())
                     rec["done"] = sorted(set(rec["done"]) | {i})
