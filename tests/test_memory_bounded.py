@@ -213,8 +213,9 @@ def test_without_returning_freed_heap_memory_the_growth_test_fails():
 # movie, measured), so the growth is not the table; per-batch tables are copies, not views of the maps. RssAnon
 # sampled every 100 frames of a 1200-frame run (same export and movie, batch 4, one thread) stays at 280-353 MiB
 # through the first 1000-frame chunk, then sits at 341-379 MiB after the first chunk boundary (part file written,
-# progress.json rewritten): that run peaked 69 MiB above the 300-frame run (478 vs 409 MiB). Next: the same run
-# with chunk_frames above the run length (no boundary) and pyarrow's memory pool (the part writer) looked at.
+# progress.json rewritten): that run peaked 69 MiB above the 300-frame run (478 vs 409 MiB). In one chunk
+# (chunk_frames=5000) it peaked 2 MiB below it; with predict releasing pyarrow's pool and trimming the heap after
+# each part file (d667f6d) +11 MiB. Single runs: rerun this test to see whether the xfail can go.
 @pytest.mark.xfail(strict=False, reason="issue 11.3 not finished: with the periodic malloc_trim the 3000-frame run peaked "
                                         "87 MiB above the 300-frame run (526 vs 439 MiB; before: +308 MiB over the "
                                         "in-memory baseline, now +114); the goal is < 64 MiB; a step after the first "
