@@ -215,11 +215,8 @@ def test_without_returning_freed_heap_memory_the_growth_test_fails():
 # through the first 1000-frame chunk, then sits at 341-379 MiB after the first chunk boundary (part file written,
 # progress.json rewritten): that run peaked 69 MiB above the 300-frame run (478 vs 409 MiB). In one chunk
 # (chunk_frames=5000) it peaked 2 MiB below it; with predict releasing pyarrow's pool and trimming the heap after
-# each part file (d667f6d) +11 MiB. Single runs: rerun this test to see whether the xfail can go.
-@pytest.mark.xfail(strict=False, reason="issue 11.3 not finished: with the periodic malloc_trim the 3000-frame run peaked "
-                                        "87 MiB above the 300-frame run (526 vs 439 MiB; before: +308 MiB over the "
-                                        "in-memory baseline, now +114); the goal is < 64 MiB; a step after the first "
-                                        "chunk boundary is the lead (see the comment above)")
+# each part file (d667f6d) +11 MiB. This test after that fix (2026-12-01, quiet 2-core machine, 9 min): 3000 frames
+# peaked at 412 MiB, 20 MiB above the 300-frame run (392 MiB) and 57 MiB above the in-memory baseline (355 MiB).
 @pytest.mark.timeout(3600)  # 3300 frames of 256 x 256 through the network on one thread
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status (RssAnon)")
 def test_3000_frames_of_a_4_gb_movie_stream_through_inference_with_bounded_memory(tmp_path, export_dir):
