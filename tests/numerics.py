@@ -10,8 +10,11 @@ missing input scaling) changes a map by a sizeable fraction of its scale, far be
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 from torch import nn
+
+from decode_accel.simulation import Camera, CameraConfig
 
 #: the difference allowed between two float32 computations of one map, as a fraction of the map's
 #: largest magnitude. Kernel paths (AVX2, AVX, SSE4.1; 1 or 2 threads) differ by ~2e-6 of it, the bugs
@@ -59,3 +62,21 @@ def randomize_output_layers(model: nn.Module, seed: int = 0, std: float = 0.5) -
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std / fan_in ** 0.5)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * std)
     return model
+
+
+class MapRecorder:
+    """A post-processor that keeps every batch's maps (and returns no rows)."""
+
+    def __init__(self):
+        self.maps: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, output, frame_offset=0):
+        for k in range(output["p"].shape[0]):
+            self.maps[frame_offset + k] = {key: v[k].clone() for key, v in output.items()}
+        return pd.DataFrame({"frame": pd.Series(dtype="int64"), "x": [], "y": [], "z": [], "photons": [],
+                             "id": pd.Series(dtype="int64")})
+
+
+def identity_camera():
+    """A camera whose ADU are photons (no offset, gain 1, no noise model), for comparing maps."""
+    return Camera(CameraConfig(kind="perfect"))

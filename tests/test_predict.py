@@ -16,8 +16,8 @@ import yaml
 from decode_accel.errors import DecodeAccelError
 from decode_accel.inference.predict import predict
 from decode_accel.models import SigmaMUNet
-from decode_accel.simulation import Camera, CameraConfig, SimulationConfig, Simulator
-from tests.numerics import assert_maps_close, randomize_output_layers
+from decode_accel.simulation import SimulationConfig, Simulator
+from tests.numerics import MapRecorder, assert_maps_close, identity_camera, randomize_output_layers
 
 PX = 100.0
 # the module, not the function of the same name that decode_accel.inference re-exports
@@ -118,23 +118,6 @@ def test_table_of_a_simulated_emccd_movie_matches_the_true_emitters(tmp_path):
     # A half-pixel or x/y mix-up would show as a 50-100 nm bias; a 5x5 centroid is good to ~20 nm.
     assert np.abs(d.mean(axis=0)).max() < 15.0
     assert np.sqrt((d ** 2).sum(axis=1).mean()) < 40.0
-
-
-class MapRecorder:
-    """A post-processor that keeps every batch's maps (and returns no rows)."""
-
-    def __init__(self):
-        self.maps: dict[int, dict[str, torch.Tensor]] = {}
-
-    def __call__(self, output, frame_offset=0):
-        for k in range(output["p"].shape[0]):
-            self.maps[frame_offset + k] = {key: v[k].clone() for key, v in output.items()}
-        return pd.DataFrame({"frame": pd.Series(dtype="int64"), "x": [], "y": [], "z": [], "photons": [],
-                             "id": pd.Series(dtype="int64")})
-
-
-def identity_camera():
-    return Camera(CameraConfig(kind="perfect"))
 
 
 def test_cached_features_give_the_same_maps_and_encode_each_frame_once():

@@ -5,32 +5,15 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-import pandas as pd
 import torch
 
 from decode_accel.inference.movie import open_movie
 from decode_accel.inference.predict import predict
 from decode_accel.models import SigmaMUNet
-from decode_accel.simulation import Camera, CameraConfig
-from tests.numerics import assert_maps_close, randomize_output_layers
+from tests.numerics import MapRecorder, assert_maps_close, identity_camera, randomize_output_layers
 
 predict_module = importlib.import_module("decode_accel.inference.predict")
 PX = 100.0
-
-
-class MapRecorder:
-    def __init__(self):
-        self.maps: dict[int, dict[str, torch.Tensor]] = {}
-
-    def __call__(self, output, frame_offset=0):
-        for k in range(output["p"].shape[0]):
-            self.maps[frame_offset + k] = {key: v[k].clone() for key, v in output.items()}
-        return pd.DataFrame({"frame": pd.Series(dtype="int64"), "x": [], "y": [], "z": [], "photons": [],
-                             "id": pd.Series(dtype="int64")})
-
-
-def identity_camera():
-    return Camera(CameraConfig(kind="perfect"))
 
 
 def net_and_frames(n=9, h=24, w=32):
