@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -282,17 +283,22 @@ def _index(rows: np.ndarray):
 TRIM_EVERY_PX = 2 ** 21
 
 
-def _load_malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: macOS, Windows, musl)."""
+def _glibc_function(name: str, argtypes: list, restype):
+    """A function of the C library this process runs on, if it is glibc on Linux (None elsewhere:
+    macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
-        fn = ctypes.CDLL(None).malloc_trim
+        fn = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    return _glibc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 _MALLOC_TRIM = _load_malloc_trim()
@@ -307,12 +313,8 @@ def _reuse_large_blocks() -> bool:
     :func:`_release_freed_memory` still bounds the memory. Process-wide, so only the CLI (a process of
     its own) calls it. Returns whether glibc accepted it.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     big = 1 << 30
