@@ -44,6 +44,7 @@ from decode_accel.inference.render import render
 from decode_accel.inference.tiling import (Stitcher, pad_to_canvas, plan_tiles, receptive_field_radius,
                                            size_multiple)
 from decode_accel.io import write_table
+from decode_accel.models.variance import movie_variance, with_variance
 from decode_accel.simulation.camera import Camera, parse_roi
 from decode_accel.simulation.config import CameraConfig
 from decode_accel.table import empty_table
@@ -60,13 +61,16 @@ DEFAULT_TILE_SIZE = 512
 class _Resolved:
     """The pieces predict needs, whichever form the model came in."""
 
-    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None, calibration=None):
+    def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None, calibration=None,
+                 subpixel_equalisation=None):
         self.net, self.px_size_nm, self.camera = net, px_size_nm, camera
         self.n_channels, self.dye_table, self.name = n_channels, dye_table, name
         #: the export's operating threshold (None: the post-processor's default)
         self.threshold = threshold
         #: the export's probability calibration (dict form; None: report the network's p)
         self.calibration = calibration
+        #: the export's sub-pixel equalisation (dict form; None: positions as the network reports them)
+        self.subpixel_equalisation = subpixel_equalisation
 
 
 def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = None,
@@ -103,7 +107,8 @@ def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = 
     threshold = None if isinstance(model, torch.nn.Module) else getattr(model, "threshold", None)
     point = None if isinstance(model, torch.nn.Module) else (getattr(model, "operating_point", None) or {})
     calibration = point.get("probability_calibration") if point else None
-    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold, calibration)
+    subpixel = point.get("subpixel_equalisation") if point else None
+    return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold, calibration, subpixel)
 
 
 def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
@@ -164,7 +169,8 @@ def _model_fingerprint(net: torch.nn.Module) -> str:
 def _make_postprocessor(resolved: _Resolved, threshold: float | None, postprocessor=None):
     if postprocessor is not None:
         return postprocessor
-    kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table, calibration=resolved.calibration)
+    kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table, calibration=resolved.calibration,
+                  subpixel_equalisation=resolved.subpixel_equalisation)
     if threshold is None:
         threshold = resolved.threshold  # the operating point the model was validated at
     if threshold is not None:
@@ -196,6 +202,10 @@ class _FrameStream:
                               "running untiled", stacklevel=3)
                 tile_size, margin = None, 0
         self.plan = plan_tiles(h, w, tile_size=tile_size, margin=margin, stride=stride)
+        # model.variance_input: the movie's region of the sCMOS variance map rides along as C more channels
+        self.variance = movie_variance(net, camera, movie.n_channels, h, w, device)
+        if self.variance is not None:
+            self.variance = pad_to_canvas(self.variance, self.plan.canvas_h, self.plan.canvas_w)
         # Feature ring: per tile, a buffer of the last two frames' stage-1 features, allocated ONCE and
         # overwritten in place. (A fresh copy per batch is a small long-lived block allocated among
         # each batch's large temporaries; glibc's heap then fragments and peak memory grows with the
@@ -210,8 +220,10 @@ class _FrameStream:
 
     def _photons(self, lo: int, hi: int) -> torch.Tensor:
         adu = torch.from_numpy(np.ascontiguousarray(self.movie.read(slice(lo, hi + 1)), dtype=np.float32))
-        photons = _to_photons(self.camera, adu.to(self.device))
-        return pad_to_canvas(photons, self.plan.canvas_h, self.plan.canvas_w).contiguous(memory_format=self.memory_format)
+        photons = pad_to_canvas(_to_photons(self.camera, adu.to(self.device)), self.plan.canvas_h, self.plan.canvas_w)
+        if self.variance is not None:
+            photons = with_variance(photons, self.variance)
+        return photons.contiguous(memory_format=self.memory_format)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -501,7 +513,8 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         parts_dir = outs[0].parent / f"{outs[0].name}.parts"
         settings = dict(movie=_movie_signature(movie), frames=[sel.start, sel.stop], chunk_frames=chunk_frames,
                         model=_model_fingerprint(net), threshold=getattr(post, "threshold", threshold),
-                        calibration=resolved.calibration, px_size_nm=resolved.px_size_nm,
+                        calibration=resolved.calibration, subpixel_equalisation=resolved.subpixel_equalisation,
+                        px_size_nm=resolved.px_size_nm,
                         camera=_camera_signature(resolved.camera, movie))
         record = parts_dir / "progress.json"
         if is_main:

@@ -150,6 +150,8 @@ def receptive_field_radius(model: torch.nn.Module, n_channels: int, *, stride: i
 
 
 def _measure_radius(model, n_channels, stride, start_canvas, max_canvas):
+    # a network with the sCMOS variance input reads more channels than the camera has (input_channels)
+    n_channels = getattr(model, "input_channels", None) or n_channels
     probe = copy.deepcopy(model).to(device="cpu", dtype=torch.float64).eval()
     gen = torch.Generator().manual_seed(0)
     size = max(start_canvas // stride * stride, 4 * stride)
