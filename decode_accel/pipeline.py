@@ -23,7 +23,7 @@ from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, eval
 from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.export import export_model, load_exported
-from decode_accel.inference.postprocess import PostProcessor, ProbabilityCalibration
+from decode_accel.inference.postprocess import PostProcessor, ProbabilityCalibration, SubpixelEqualisation
 from decode_accel.inference.predict import predict
 from decode_accel.io import write_table
 from decode_accel.simulation import Simulator
@@ -221,10 +221,15 @@ def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: f
 #: expected true emitter-frames of a tuning movie: enough that a threshold's Jaccard index is known to ~1 %
 TUNING_EMITTER_FRAMES = 2000
 
+#: expected true emitter-frames of the sub-pixel equalisation movie: each Fourier coefficient of the
+#: sub-pixel density is then known to about sqrt(2 / 40000) = 0.7 % (a 10-bin histogram of 40000
+#: positions resolves 1.5 % per bin), and the movie of 128 x 128 px frames predicts in about a minute
+EQUALISATION_EMITTER_FRAMES = 40_000
+
 
 def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = None, height: int = 64, width: int = 64,
                            simulation=None, seed: int | None = None, candidates=THRESHOLD_CANDIDATES,
-                           store: bool = True) -> dict:
+                           store: bool = True, subpixel: bool = True) -> dict:
     """Calibrate a model's detection probabilities and choose the threshold it is used at, on a tuning
     movie of its own training physics.
 
@@ -243,27 +248,28 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     for the same precision). ``n_frames`` None: enough frames for about :data:`TUNING_EMITTER_FRAMES` true
     emitter-frames (100 to 500).
 
+    With ``subpixel`` the positions are then equalised within their pixel (:class:`SubpixelEqualisation`),
+    fitted on a second movie of the *training* physics (128 x 128 px frames, about
+    :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, seed ``seed + 1``) predicted at the chosen
+    threshold: its denser emitters give the fit enough positions in a minute, and how a network places an
+    emitter within a pixel is a property of its training, not of the density it is used at.
+
     Returns:
         {"threshold", "jaccard", "precision", "recall" at it (emitter-frames >= 25 % of the mean photons),
         "all_jaccard", "all_precision", "all_recall" (every emitter-frame), "chosen_on" (text), "tuning_seed",
         "density", "candidates": [{threshold, jaccard, precision, recall, all_...}, ...],
-        "probability_calibration": {"raw": [...], "calibrated": [...]}}; thresholds are of the calibrated p.
+        "probability_calibration": {"raw": [...], "calibrated": [...]},
+        "subpixel_equalisation": {"x": [...], "y": [...]} or None}; thresholds are of the calibrated p.
     """
     import tempfile
 
 
     exported = load_exported(export_dir)
-    sim = test_simulation(exported.simulation_config if simulation is None else simulation, height, width)
+    sim, camera = _tuning_physics(exported, exported.simulation_config if simulation is None else simulation,
+                                  height, width)
     density = float(sim.emitters.density or 0.0)
     if n_frames is None:
-        per_frame = density * height * width * (float(sim.frame.px_size) / 1e3) ** 2
-        n_frames = int(min(500, max(100, math.ceil(TUNING_EMITTER_FRAMES / max(per_frame, 1e-9)))))
-    camera = None
-    chip = getattr(exported.camera, "map_shape", None)
-    if chip is not None and tuple(chip) != (height, width):  # full-chip sCMOS maps: the movie at the chip's corner
-        data = sim.model_dump()
-        data["camera"].update(roi_origin=(0, 0), scmos_training_crop="roi")
-        sim, camera = type(sim).model_validate(data), exported.camera.with_roi((0, 0))
+        n_frames = int(min(500, max(100, math.ceil(TUNING_EMITTER_FRAMES / max(_emitters_per_frame(sim), 1e-9)))))
     seed = tuning_seed(0) if seed is None else int(seed)
     with tempfile.TemporaryDirectory(prefix="decode_accel_tuning_") as tmp:
         movie = simulate_held_out_movie(sim, n_frames, seed, tmp, name="tuning")
@@ -288,9 +294,13 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     # and counting it as missed pulls the threshold down into the noise. Ties (e.g. an untrained model
     # with JI 0 everywhere) go to the candidate nearest 0.5.
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
+    equalisation = None
+    if subpixel and calibration is not None:
+        equalisation = fit_subpixel_equalisation(exported, best["threshold"], calibration, seed + 1)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
                  probability_calibration=calibration.to_dict() if calibration is not None else None,
+                 subpixel_equalisation=equalisation.to_dict() if equalisation is not None else None,
                  chosen_on=f"a tuning movie of the {where} physics at {density:g} emitters/µm² ({n_frames} frames "
                            f"of {height}x{width} px, seed {seed}), best Jaccard index of the emitter-frames with "
                            f">= 25 % of the mean photons")
@@ -299,6 +309,49 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
                      metrics=exported.metadata.get("metrics"), training_config=exported.metadata.get("training"),
                      operating_point=point)
     return point
+
+
+def _emitters_per_frame(sim) -> float:
+    """Expected emitters per frame of a simulation config (its density times the frame area)."""
+    area_um2 = sim.frame.height * sim.frame.width * (float(sim.frame.px_size) / 1e3) ** 2
+    return float(sim.emitters.density or 0.0) * area_um2
+
+
+def _tuning_physics(exported, sim_config, height: int, width: int):
+    """``sim_config`` on ``height`` x ``width`` px frames, and the camera to predict it with (None: the
+    export's). With full-chip sCMOS maps the movie lies at the chip's corner and uses that region of them."""
+    sim, camera = test_simulation(sim_config, height, width), None
+    chip = getattr(exported.camera, "map_shape", None)
+    if chip is not None and tuple(chip) != (height, width):
+        data = sim.model_dump()
+        data["camera"].update(roi_origin=(0, 0), scmos_training_crop="roi")
+        sim, camera = type(sim).model_validate(data), exported.camera.with_roi((0, 0))
+    return sim, camera
+
+
+def fit_subpixel_equalisation(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
+                              size: int = 128) -> SubpixelEqualisation | None:
+    """The :class:`SubpixelEqualisation` of a model's reported positions on a movie of its training physics
+    (``size`` x ``size`` px frames, about :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000
+    frames), predicted at ``threshold`` of the calibrated p. None when the movie gives too few positions
+    (an untrained model)."""
+    import tempfile
+
+    chip = getattr(exported.camera, "map_shape", None)
+    if chip is not None:  # the movie must fit on the chip of full-chip sCMOS maps
+        size = min(size, *chip)
+    sim, camera = _tuning_physics(exported, exported.simulation_config, size, size)
+    n_frames = int(min(1000, max(20, math.ceil(EQUALISATION_EMITTER_FRAMES / max(_emitters_per_frame(sim), 1e-9)))))
+    post = PostProcessor(threshold=threshold, px_size_nm=exported.px_size_nm, dye_table=exported.dye_table,
+                         calibration=calibration)
+    with tempfile.TemporaryDirectory(prefix="decode_accel_equalisation_") as tmp:
+        movie = simulate_held_out_movie(sim, n_frames, seed, tmp, name="equalisation")
+        table = predict(exported, movie.tiff, progress=False, camera=camera, postprocessor=post)
+    if len(table) < SubpixelEqualisation.MIN_POSITIONS:
+        logger.warning("sub-pixel equalisation skipped: %d positions on the equalisation movie", len(table))
+        return None
+    px = float(exported.px_size_nm)
+    return SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
 
 
 def _data_wait_share(perf: dict) -> float:
@@ -526,8 +579,10 @@ def update_budget(updates: int, peak_lr: float = CPU_PEAK_LR, warmup: int = 100,
 MIN_TRAIN_DENSITY = 0.5
 #: 3D scenarios train on a z range this share of its half-width wider at each end than the test's: a
 #: network never shown an emitter beyond the range pulls those at its ends towards the centre (the
-#: posterior mean of a bounded prior), which compressed z by tens of nm at the ends
-TRAIN_Z_MARGIN = 0.2
+#: posterior mean of a bounded prior), which compressed z by tens of nm at the ends. A margin of 0.2
+#: still left +26 / -38 nm in the outer 125 nm bins of scenario (c): the dim emitter-frames there have
+#: z sigmas of 150 nm and more, so the prior's edge must lie a few of them beyond the test range.
+TRAIN_Z_MARGIN = 0.5
 
 
 def training_physics_overrides(test_config, min_density: float | None = MIN_TRAIN_DENSITY,

@@ -90,7 +90,7 @@ def test_the_threshold_with_the_best_jaccard_index_on_the_tuning_movie_is_chosen
         return table[table["prob"] >= threshold].reset_index(drop=True)
 
     monkeypatch.setattr(pipeline, "predict", fake_predict)
-    point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
+    point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32, subpixel=False)
     # one prediction pass at the lowest candidate, of the network's own p; then every candidate is scored
     assert seen["threshold"] == min(pipeline.THRESHOLD_CANDIDATES) and seen["calibration"] is None
     assert "tuning" in str(seen["tiff"])
@@ -123,9 +123,11 @@ def test_the_operating_point_is_chosen_at_the_density_the_model_is_meant_for(tmp
 
     monkeypatch.setattr(pipeline, "predict", fake_predict)
     # 32 x 32 px of 100 nm: about 10 emitters per frame at 1/µm², about 1 at 0.1/µm²
-    dense = pipeline.choose_operating_point(export, n_frames=60, height=32, width=32, store=False)
+    dense = pipeline.choose_operating_point(export, n_frames=60, height=32, width=32, store=False,
+                                           subpixel=False)
     meant_for = sim_config().model_copy(update={"emitters": sim_config().emitters.model_copy(update={"density": 0.1})})
-    sparse = pipeline.choose_operating_point(export, n_frames=200, height=32, width=32, simulation=meant_for)
+    sparse = pipeline.choose_operating_point(export, n_frames=200, height=32, width=32, simulation=meant_for,
+                                            subpixel=False)
     # dense: the dim emitters are worth their false detections (kept, recall ~1); sparse: dropped (precision 1)
     assert dense["density"] == pytest.approx(1.0) and dense["all_recall"] > 0.98 and dense["all_precision"] < 0.95
     assert sparse["density"] == pytest.approx(0.1) and sparse["all_precision"] == 1.0

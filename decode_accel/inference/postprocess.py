@@ -27,7 +27,8 @@ into one row each:
 3. **Threshold.** Keep candidates whose aggregated p >= ``threshold``.
 4. **Units.** x = (j + 0.5 + dx) * px, y = (i + 0.5 + dy) * px (pixel centres, image origin at the
    top-left corner), plus ``roi_offset`` (row, col) in px for tiles; sigmas in nm; bg summed over
-   channels (photons/px).
+   channels (photons/px). With a :class:`SubpixelEqualisation` (from the export's operating point)
+   x and y are then remapped within their pixel so that their sub-pixel fractions are uniform.
 5. **Colour** (two-channel, with a dye table): posterior of each dye d given the predicted ratio r,
    P(d | r) ∝ prior_d * N(r; ratio_d, ratio_sigma^2 + ratio_sd_d^2); ``color`` = argmax,
    ``color_prob`` = its posterior; ``color`` = -1 when the posterior is below ``min_color_prob``.
@@ -147,6 +148,105 @@ class ProbabilityCalibration:
         except (KeyError, TypeError):
             raise DecodeAccelError("a probability calibration must be {raw: [...], calibrated: [...]}",
                                    field="probability_calibration", fix="refit it with choose_operating_point") from None
+
+
+class SubpixelEqualisation:
+    """A monotone per-axis map of the sub-pixel fraction that makes a model's positions as uniform within
+    their pixel as the emitters are (the sub-pixel equalisation of FD-DeepLoc), fitted on a movie of the
+    training physics (:meth:`fit`) and applied by the post-processor.
+
+    Why: a network sees each emitter from the pixel it falls in, and its offset estimate shrinks a little
+    towards that pixel's centre where the evidence is weak. Sub-nanometre offsets that depend on the
+    position within the pixel are invisible in an RMSE, but they pile positions up inside pixels and show
+    as a grid in a super-resolution image (DECODE users reported it, TuragaLab/DECODE#132). The emitters'
+    true sub-pixel fractions are uniform, so the map that makes the reported fractions uniform undoes the
+    pile-up without knowing the truth.
+
+    The density of the reported fractions u in [0, 1) is summarised by ``harmonics`` Fourier terms,
+    f(u) = 1 + sum_k a_k cos(2 pi k u) + b_k sin(2 pi k u), and u goes to F(u) - c, with F the
+    cumulative of f and c its mean shift (so the map moves no position on average: a constant offset is
+    the network's to fix, not this map's). Positions are in px with the image origin at the top-left
+    corner; a sigma is multiplied by f(u), the map's slope.
+
+    Args:
+        x, y: the coefficients [a_1, b_1, a_2, b_2, ...] of each axis (dimensionless).
+    """
+
+    #: below this many positions the Fourier coefficients are too noisy (about sqrt(2 / n) each)
+    MIN_POSITIONS = 2000
+
+    def __init__(self, x: Sequence[float], y: Sequence[float]):
+        cx, cy = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ok = (cx.ndim == 1 and cx.shape == cy.shape and len(cx) >= 2 and len(cx) % 2 == 0
+              and np.all(np.isfinite(cx)) and np.all(np.isfinite(cy)))
+        if not ok:
+            raise DecodeAccelError("a sub-pixel equalisation needs x and y lists of the same even length "
+                                   "[a_1, b_1, a_2, b_2, ...] of finite numbers", field="subpixel_equalisation",
+                                   fix="refit it with decode_accel.pipeline.choose_operating_point")
+        for axis, c in (("x", cx), ("y", cy)):
+            if self._density(np.linspace(0.0, 1.0, 1001), c).min() <= 0.25:
+                raise DecodeAccelError(f"the {axis} sub-pixel density of this equalisation falls to <= 0.25 of "
+                                       "uniform: the positions are too strongly gridded to be remapped",
+                                       field="subpixel_equalisation", fix="train the model longer")
+        self.x, self.y = cx, cy
+
+    @property
+    def harmonics(self) -> int:
+        return len(self.x) // 2
+
+    @classmethod
+    def fit(cls, x_px: np.ndarray, y_px: np.ndarray, harmonics: int = 3) -> "SubpixelEqualisation":
+        """The equalisation of the positions ``x_px``, ``y_px`` (px, image origin at the top-left corner):
+        the Fourier coefficients of their sub-pixel density, 2 <cos(2 pi k u)> and 2 <sin(2 pi k u)>."""
+        x, y = np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64)
+        if len(x) < cls.MIN_POSITIONS:
+            raise DecodeAccelError(f"{len(x)} positions are too few to equalise sub-pixel fractions "
+                                   f"(need >= {cls.MIN_POSITIONS})", field="subpixel_equalisation",
+                                   fix="use a longer or denser equalisation movie")
+
+        def coefficients(v):
+            u = 2 * np.pi * np.mod(v, 1.0)
+            return np.ravel([[2 * np.mean(np.cos(k * u)), 2 * np.mean(np.sin(k * u))]
+                             for k in range(1, harmonics + 1)])
+        return cls(coefficients(x), coefficients(y))
+
+    @staticmethod
+    def _density(u: np.ndarray, c: np.ndarray) -> np.ndarray:
+        out = np.ones_like(u)
+        for k in range(1, len(c) // 2 + 1):
+            out += c[2 * k - 2] * np.cos(2 * np.pi * k * u) + c[2 * k - 1] * np.sin(2 * np.pi * k * u)
+        return out
+
+    @staticmethod
+    def _remap(v: np.ndarray, c: np.ndarray) -> np.ndarray:
+        whole = np.floor(v)
+        u = v - whole
+        out = u.copy()
+        for k in range(1, len(c) // 2 + 1):
+            a, b, w = c[2 * k - 2], c[2 * k - 1], 2 * np.pi * k
+            # the integral of f from 0 to u, minus its mean over u (b / w) so that positions keep their mean
+            out += (a * np.sin(w * u) - b * np.cos(w * u)) / w
+        return whole + out
+
+    def __call__(self, x_px: np.ndarray, y_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The remapped positions (px) and the map's slopes along x and y (to scale sigmas by)."""
+        x, y = np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64)
+        return (self._remap(x, self.x), self._remap(y, self.y),
+                self._density(np.mod(x, 1.0), self.x), self._density(np.mod(y, 1.0), self.y))
+
+    def to_dict(self) -> dict:
+        return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y]}
+
+    @classmethod
+    def from_any(cls, value) -> "SubpixelEqualisation | None":
+        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
+        if value is None or isinstance(value, cls):
+            return value
+        try:
+            return cls(value["x"], value["y"])
+        except (KeyError, TypeError):
+            raise DecodeAccelError("a sub-pixel equalisation must be {x: [...], y: [...]}",
+                                   field="subpixel_equalisation", fix="refit it with choose_operating_point") from None
 
 
 class Dye(StrictModel):
@@ -294,13 +394,15 @@ class PostProcessor:
         min_color_prob: posterior below which ``color`` is -1 (unassigned).
         calibration: a :class:`ProbabilityCalibration` (or its dict form): the reported ``prob`` is the
             calibrated one and ``threshold`` applies to it; None: the network's aggregated p.
+        subpixel_equalisation: a :class:`SubpixelEqualisation` (or its dict form) applied to x, y (and
+            their sigmas); None: positions as the network reports them.
 
     Call: ``post(output, frame_offset=0, px_size=None, roi_offset=(0, 0)) -> DataFrame``.
     """
 
     def __init__(self, threshold: float = 0.3, split_threshold: float = 0.6, merge_radius_px: float = 0.75,
                  px_size_nm: float = 100.0, dye_table: Any = None, min_color_prob: float = 0.0,
-                 calibration: Any = None):
+                 calibration: Any = None, subpixel_equalisation: Any = None):
         try:
             cfg = PostProcessConfig(threshold=threshold, split_threshold=split_threshold,
                                     merge_radius_px=merge_radius_px, min_color_prob=min_color_prob)
@@ -315,6 +417,7 @@ class PostProcessor:
         self.px_size_nm = float(px_size_nm)
         self.dyes = as_dyes(dye_table)
         self.calibration = ProbabilityCalibration.from_any(calibration)
+        self.subpixel_equalisation = SubpixelEqualisation.from_any(subpixel_equalisation)
         # the same cut on the network's own p (used to skip hopeless candidates early)
         self._raw_threshold = (self.threshold if self.calibration is None
                                else self.calibration.raw_threshold(self.threshold))
@@ -445,8 +548,11 @@ class PostProcessor:
             return t.double().cpu().numpy()
 
         data: dict[str, np.ndarray] = {"frame": (bi.cpu().numpy() + int(frame_offset)).astype(np.int64)}
-        data["x"] = (np64(x_px) + float(roi_offset[1])) * px
-        data["y"] = (np64(y_px) + float(roi_offset[0])) * px
+        x_img, y_img = np64(x_px) + float(roi_offset[1]), np64(y_px) + float(roi_offset[0])
+        slope_x = slope_y = 1.0
+        if self.subpixel_equalisation is not None:
+            x_img, y_img, slope_x, slope_y = self.subpixel_equalisation(x_img, y_img)
+        data["x"], data["y"] = x_img * px, y_img * px
         data["z"] = np64(average(output["z"])) if output.get("z") is not None else np.zeros(n)
         data["photons"] = np64(average(output["photons"])) if output.get("photons") is not None \
             else np.full(n, np.nan)
@@ -458,6 +564,9 @@ class PostProcessor:
         for key, (col, unit) in _FEATURES.items():
             if col not in data and output.get(key) is not None:
                 data[col] = np64(average(output[key])) * (px if unit == "px" else 1.0)
+        for col, slope in (("x_sigma", slope_x), ("y_sigma", slope_y)):
+            if col in data:
+                data[col] = data[col] * slope
         if "ratio" not in data and "photons_ch1" in data and "photons_ch2" in data:
             tot = data["photons_ch1"] + data["photons_ch2"]
             data["ratio"] = np.divide(data["photons_ch1"], tot, out=np.full_like(tot, np.nan), where=tot > 0)

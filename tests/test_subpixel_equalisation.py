@@ -1,0 +1,116 @@
+"""Sub-pixel equalisation: positions that pile up inside their pixels (gridding) are remapped so that
+their sub-pixel fractions are as uniform as the emitters' are, without moving them on average."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from decode_accel import pipeline
+from decode_accel.errors import DecodeAccelError
+from decode_accel.evaluation.diagnostics import subpixel_uniformity
+from decode_accel.export import export_model, load_exported
+from decode_accel.inference.postprocess import PostProcessor, SubpixelEqualisation
+from decode_accel.io import read_table
+from tests.test_operating_point import movie, noisy_model, predict_module, sim_config
+
+
+def gridded(true_px: np.ndarray, pull: float = 0.03) -> np.ndarray:
+    """Positions pulled towards their pixel's centre by up to ``pull`` px, as a shrinking network places them."""
+    return true_px - pull * np.sin(2 * np.pi * true_px)
+
+
+def test_gridded_positions_come_back_to_the_truth_and_their_fractions_are_flat():
+    rng = np.random.default_rng(0)
+    truth_x, truth_y = rng.uniform(0, 64, 100_000), rng.uniform(0, 64, 100_000)
+    x, y = gridded(truth_x), gridded(truth_y, pull=-0.02)   # y pushed away from the centre instead
+    assert subpixel_uniformity(x, 1.0)["chi2_per_dof"] > 100   # clearly gridded
+    equalise = SubpixelEqualisation.fit(x, y)
+    ex, ey, _, _ = equalise(x, y)
+    for before, after, truth in ((x, ex, truth_x), (y, ey, truth_y)):
+        assert subpixel_uniformity(after, 1.0)["chi2_per_dof"] < 3
+        # back within a few thousandths of a px of where the emitters are (the pull was up to 0.03 px)
+        rms_before, rms_after = (np.sqrt(np.mean((v - truth) ** 2)) for v in (before, after))
+        assert rms_after < min(0.003, rms_before / 4)
+
+
+def test_the_map_moves_no_position_on_average_and_leaves_uniform_positions_nearly_alone():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 64, 50_000)
+    skewed = truth + 0.02 * np.cos(2 * np.pi * truth)   # a pile-up off the centre: its map has a sine part
+    ex, _, slope, _ = SubpixelEqualisation.fit(skewed, truth)(skewed, truth)
+    assert abs(np.mean(ex - skewed)) < 1e-3                 # no constant offset added (px)
+    _, ey, _, slope_y = SubpixelEqualisation.fit(skewed, truth)(skewed, truth)
+    assert np.max(np.abs(ey - truth)) < 0.01                 # uniform: moved by noise only (~sqrt(2/n) / 2 pi)
+    assert np.all(slope > 0)                                 # monotone within the pixel: the order of positions kept
+    assert np.all(np.diff(ex[np.argsort(skewed)]) >= 0)
+
+
+def test_an_equalisation_survives_its_dict_form_and_a_broken_one_is_refused():
+    rng = np.random.default_rng(2)
+    eq = SubpixelEqualisation.fit(gridded(rng.uniform(0, 9, 5000)), rng.uniform(0, 9, 5000))
+    again = SubpixelEqualisation.from_any(eq.to_dict())
+    np.testing.assert_array_equal(again.x, eq.x)
+    np.testing.assert_array_equal(again.y, eq.y)
+    for bad in ({"x": [0.1, 0.2, 0.3], "y": [0.1, 0.2, 0.3]}, {"x": [0.1, 0.2]}, {"x": [1.5, 0.0], "y": [0.0, 0.0]}):
+        with pytest.raises(DecodeAccelError, match="sub-pixel"):
+            SubpixelEqualisation.from_any(bad)
+    with pytest.raises(DecodeAccelError, match="too few"):
+        SubpixelEqualisation.fit(np.zeros(10), np.zeros(10))
+
+
+def test_the_post_processor_remaps_positions_and_scales_their_sigmas_by_the_maps_slope():
+    p = torch.zeros(1, 8, 8)
+    p[0, 2, 2] = p[0, 5, 5] = 0.9
+    dx = torch.zeros_like(p)
+    dx[0, 2, 2], dx[0, 5, 5] = 0.3, -0.2
+    maps = {"p": p, "dx": dx, "dy": torch.zeros_like(p),
+            "dx_sigma": torch.full_like(p, 0.1), "dy_sigma": torch.full_like(p, 0.1)}
+    eq = SubpixelEqualisation([0.2, 0.1, 0.0, 0.0], [-0.1, 0.0, 0.0, 0.0])
+    plain = PostProcessor(threshold=0.5, px_size_nm=100.0)(maps)
+    remapped = PostProcessor(threshold=0.5, px_size_nm=100.0, subpixel_equalisation=eq.to_dict())(maps)
+    x, y, sx, sy = eq(plain["x"].to_numpy() / 100.0, plain["y"].to_numpy() / 100.0)
+    # independent check of the formula for one position: u = 2.8 px -> F(0.8) - b/(2 pi)
+    u = 0.8
+    f_u = u + (0.2 * np.sin(2 * np.pi * u) - 0.1 * np.cos(2 * np.pi * u)) / (2 * np.pi)
+    assert x[0] == pytest.approx(2 + f_u)
+    np.testing.assert_allclose(remapped["x"].to_numpy(), 100.0 * x)
+    np.testing.assert_allclose(remapped["y"].to_numpy(), 100.0 * y)
+    np.testing.assert_allclose(remapped["x_sigma"].to_numpy(), plain["x_sigma"].to_numpy() * sx)
+    np.testing.assert_allclose(remapped["y_sigma"].to_numpy(), plain["y_sigma"].to_numpy() * sy)
+
+
+def test_predict_applies_the_exports_equalisation(tmp_path):
+    eq = {"x": [0.2, 0.0, 0.0, 0.0], "y": [0.0, 0.0, 0.0, 0.0]}
+    plain = export_model(tmp_path / "plain", noisy_model(), simulation_config=sim_config(),
+                         operating_point={"threshold": 0.3})
+    equalised = export_model(tmp_path / "eq", noisy_model(), simulation_config=sim_config(),
+                             operating_point={"threshold": 0.3, "subpixel_equalisation": eq})
+    tif = movie(tmp_path)
+    raw = predict_module.predict(plain, tif, progress=False)
+    out = predict_module.predict(equalised, tif, progress=False)
+    assert len(out) == len(raw) > 0
+    x, y, _, _ = SubpixelEqualisation.from_any(eq)(raw["x"].to_numpy() / 100.0, raw["y"].to_numpy() / 100.0)
+    np.testing.assert_allclose(np.sort(out["x"].to_numpy()), np.sort(100.0 * x))
+    np.testing.assert_allclose(out["y"].to_numpy(), 100.0 * y)
+
+
+def test_the_operating_point_stores_an_equalisation_that_undoes_a_models_gridding(tmp_path, monkeypatch):
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())
+
+    def gridded_predict(model, tiff, threshold=None, postprocessor=None, **kwargs):
+        """Every true emitter found (p 0.9), placed with a pull of 0.04 px towards its pixel's centre."""
+        truth = read_table(str(tiff).replace(".tif", "_truth.csv"))
+        return truth[["frame"]].assign(x=100.0 * gridded(truth["x"].to_numpy() / 100.0, 0.04),
+                                       y=100.0 * gridded(truth["y"].to_numpy() / 100.0, 0.04), prob=0.9)
+
+    monkeypatch.setattr(pipeline, "predict", gridded_predict)
+    monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 8000)
+    point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
+    eq = load_exported(export).operating_point["subpixel_equalisation"]
+    assert eq == point["subpixel_equalisation"]
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(0, 64, 20_000)
+    x, _, _, _ = SubpixelEqualisation.from_any(eq)(gridded(truth, 0.04), truth)
+    assert subpixel_uniformity(gridded(truth, 0.04), 1.0)["chi2_per_dof"] > 50
+    assert subpixel_uniformity(x, 1.0)["chi2_per_dof"] < 4
