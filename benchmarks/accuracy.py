@@ -207,8 +207,16 @@ def goals(results: dict, budget: str) -> list[str]:
                      f"{mark(prec >= 0.98 and rec >= 0.97)}")
         grid = results["a"]["decode_accel"].get("trust", {}).get("gridding", {})
         chi = {k: (grid.get(k) or {}).get("chi2_per_dof", float("nan")) for k in ("pred_x", "pred_y", "truth_x", "truth_y")}
-        lines.append(f"(a) gridding chi2/dof pred x {chi['pred_x']:.2f}, y {chi['pred_y']:.2f} vs truth x "
-                     f"{chi['truth_x']:.2f}, y {chi['truth_y']:.2f} (goal: as flat as the truth, < 2)")
+    for key in ("a", "b"):
+        if key not in results:
+            continue
+        # "As flat as the truth's": the truth's own chi2 exceeds 1 because an emitter stays on for several
+        # frames at one position, and the predictions inherit that; below 2 counts as flat in any case.
+        grid = results[key]["decode_accel"].get("trust", {}).get("gridding", {})
+        chi = {k: (grid.get(k) or {}).get("chi2_per_dof", float("nan")) for k in ("pred_x", "pred_y", "truth_x", "truth_y")}
+        flat = all(chi[f"pred_{ax}"] <= max(2.0, chi[f"truth_{ax}"]) for ax in "xy")
+        lines.append(f"({key}) gridding chi2/dof pred x {chi['pred_x']:.2f}, y {chi['pred_y']:.2f} vs truth x "
+                     f"{chi['truth_x']:.2f}, y {chi['truth_y']:.2f} (goal: per axis <= the truth's or < 2): {mark(flat)}")
     if "b" in results:
         ji, pji = get("b", "decode_accel", "all", "jaccard"), get("b", "picasso", "all", "jaccard")
         r = {ax: get("b", "decode_accel", "bright", f"rmse_over_crlb_{ax}") for ax in "xy"}
@@ -222,9 +230,16 @@ def goals(results: dict, budget: str) -> list[str]:
     for key in ("d_low", "d_high"):
         if key in results:
             ct = get(key, "decode_accel", "all", "crosstalk")
-            rb = get(key, "decode_accel", "all", "ratio_bias")
-            lines.append(f"({key}) crosstalk {100 * ct:.2f} % (goal <= {2.0 if budget == 'cpu' else 0.5} %), "
-                         f"ratio bias {rb:+.4f}")
+            rb, rr = get(key, "decode_accel", "all", "ratio_bias"), get(key, "decode_accel", "all", "ratio_rmse")
+            rc = get(key, "decode_accel", "bright", "ratio_rmse") / get(key, "decode_accel", "bright", "ratio_crlb")
+            cal = get(key, "decode_accel", "all", "calib_ratio")
+            lines.append(f"({key}) crosstalk {100 * ct:.2f} % (goal <= {2.0 if budget == 'cpu' else 0.5} %): "
+                         f"{mark(ct <= (0.02 if budget == 'cpu' else 0.005))}")
+            # the positions' rules for the ratio: no offset (a tenth of the RMSE, as 1 nm of ~10 nm),
+            # errors within the predicted sigma 68 +- 5 %, bright RMSE/CRLB <= 1.4
+            lines.append(f"({key}) ratio bias {rb:+.4f} (goal |bias| <= 0.1 x RMSE {rr:.4f}): {mark(abs(rb) <= 0.1 * rr)}")
+            lines.append(f"({key}) ratio within 1 sigma {cal:.3f} (goal 0.683 +- 0.05): {mark(abs(cal - 0.683) <= 0.05)}")
+            lines.append(f"({key}) bright ratio RMSE/CRLB {rc:.2f} (goal <= 1.4): {mark(rc <= 1.4)}")
     return lines
 
 

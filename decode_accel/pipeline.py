@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
@@ -164,8 +165,13 @@ def crlb_psf(sim_config):
     if psf.kind == "gaussian":
         return GaussianPSF(sigma_nm=psf.sigma * px)
     if psf.kind == "astigmatic":
-        # the simulator puts x in focus at z = -gamma; the evaluation's model at z = +gamma
-        return AstigmaticPSF(sigma0_nm=psf.sigma0 * px, gamma_nm=-psf.gamma, d_nm=psf.depth, a=psf.A, b=psf.B)
+        # the simulator's own per-axis parameters (its shorthand puts x in focus at z = -gamma), so that
+        # the bound follows the PSF that made the movie whichever form the config used
+        a = psf.astigmatic_axes()
+        return AstigmaticPSF(sigma0_nm=a["sigma0_x"] * px, focal_x_nm=a["focal_x"], focal_y_nm=a["focal_y"],
+                             sigma0_x_nm=a["sigma0_x"] * px, sigma0_y_nm=a["sigma0_y"] * px,
+                             d_x_nm=a["depth_x"], d_y_nm=a["depth_y"], a_x=a["A_x"], b_x=a["B_x"],
+                             a_y=a["A_y"], b_y=a["B_y"])
     return None
 
 
@@ -333,8 +339,8 @@ def fit_subpixel_equalisation(exported, threshold: float, calibration: Probabili
                               size: int = 128) -> SubpixelEqualisation | None:
     """The :class:`SubpixelEqualisation` of a model's reported positions on a movie of its training physics
     (``size`` x ``size`` px frames, about :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000
-    frames), predicted at ``threshold`` of the calibrated p. None when the movie gives too few positions
-    (an untrained model)."""
+    frames), predicted at ``threshold`` of the calibrated p. None, with a warning, when the movie gives too
+    few positions or positions too gridded to remap (an untrained model)."""
     import tempfile
 
     chip = getattr(exported.camera, "map_shape", None)
@@ -351,7 +357,11 @@ def fit_subpixel_equalisation(exported, threshold: float, calibration: Probabili
         logger.warning("sub-pixel equalisation skipped: %d positions on the equalisation movie", len(table))
         return None
     px = float(exported.px_size_nm)
-    return SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
+    try:
+        return SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
+    except DecodeAccelError as err:
+        logger.warning("sub-pixel equalisation skipped: %s", err)
+        return None
 
 
 def _data_wait_share(perf: dict) -> float:

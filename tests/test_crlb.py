@@ -129,3 +129,28 @@ def test_without_background_the_closed_form_is_the_photon_limited_sigma_a_over_s
     sigma_a = np.sqrt(100.0**2 + 100.0**2 / 12)
     assert mortensen_mle_sigma(1000, 0.0, 100, 100) == pytest.approx(sigma_a / np.sqrt(1000))
     assert mortensen_mle_sigma(1000, 1e-4, 100, 100) == pytest.approx(sigma_a / np.sqrt(1000), rel=1e-3)
+
+
+def test_the_benchmarks_bound_follows_a_per_axis_astigmatic_psf_as_the_simulator_renders_it():
+    """Per-axis parameters (ThunderSTORM's form) must reach the bound: an evaluation that kept the
+    shorthand would put the focal planes at -/+gamma and mirror or stretch z."""
+    import torch
+
+    from decode_accel.pipeline import crlb_psf
+    from decode_accel.simulation.config import SimulationConfig
+    from decode_accel.simulation.psf import make_psf
+
+    sim = SimulationConfig(frame={"height": 16, "width": 16, "px_size": 110.0},
+                           psf={"kind": "astigmatic", "sigma0": 1.2, "gamma": 250.0, "depth": 400.0,
+                                "focal_x": 120.0, "focal_y": -310.0, "depth_x": 350.0, "depth_y": 520.0,
+                                "sigma0_y": 1.4, "A_y": 0.1})
+    z = np.linspace(-600.0, 600.0, 25)
+    sx_px, sy_px = make_psf(sim.psf).sigma_xy(torch.as_tensor(z, dtype=torch.float64))
+    sx, sy, _, _ = crlb_psf(sim).sigmas_nm(z)
+    np.testing.assert_allclose(sx, sx_px.numpy() * 110.0, rtol=1e-9)
+    np.testing.assert_allclose(sy, sy_px.numpy() * 110.0, rtol=1e-9)
+    assert z[np.argmin(sx)] == pytest.approx(100.0, abs=50) and z[np.argmin(sy)] == pytest.approx(-300.0, abs=50)
+    # the shorthand: the simulator puts x in focus at z = -gamma
+    plain = SimulationConfig(psf={"kind": "astigmatic", "sigma0": 1.0, "gamma": 250.0, "depth": 400.0})
+    sx, sy, _, _ = crlb_psf(plain).sigmas_nm(z)
+    assert z[np.argmin(sx)] == pytest.approx(-250.0, abs=50) and z[np.argmin(sy)] == pytest.approx(250.0, abs=50)

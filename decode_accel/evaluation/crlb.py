@@ -62,12 +62,17 @@ class AstigmaticPSF:
 
     sigma_x(z) = sigma0 * sqrt(1 + u^2 + A u^3 + B u^4) with u = (z - gamma) / d, and sigma_y(z)
     the same with u = (z + gamma) / d (the two focal planes sit at z = +gamma and z = -gamma).
+    Per-axis fields, where given, replace that shorthand for one axis (x = columns, y = rows), as the
+    simulator's per-axis parameters and ThunderSTORM's calibration give them.
 
     Attributes:
         sigma0_nm: in-focus PSF standard deviation (nm).
         gamma_nm: half the distance between the x and y focal planes (nm).
         d_nm: depth of focus (nm).
         a, b: higher-order coefficients (dimensionless).
+        focal_x_nm, focal_y_nm: z where sigma_x / sigma_y is narrowest (nm); default +gamma / -gamma.
+        sigma0_x_nm, sigma0_y_nm, d_x_nm, d_y_nm (nm), a_x, b_x, a_y, b_y (-): per-axis widths, depths
+            and coefficients; default the shared ones.
     """
 
     sigma0_nm: float
@@ -75,21 +80,42 @@ class AstigmaticPSF:
     d_nm: float = 400.0
     a: float = 0.0
     b: float = 0.0
+    focal_x_nm: float | None = None
+    focal_y_nm: float | None = None
+    sigma0_x_nm: float | None = None
+    sigma0_y_nm: float | None = None
+    d_x_nm: float | None = None
+    d_y_nm: float | None = None
+    a_x: float | None = None
+    b_x: float | None = None
+    a_y: float | None = None
+    b_y: float | None = None
 
-    def _one(self, z_nm, sign):
-        u = (np.asarray(z_nm, dtype=np.float64) - sign * self.gamma_nm) / self.d_nm
-        q = 1.0 + u**2 + self.a * u**3 + self.b * u**4
+    def axis(self, name: str) -> tuple[float, float, float, float, float]:
+        """(sigma0 nm, focal plane nm, depth nm, A, B) of axis ``name`` ("x" or "y")."""
+        def pick(value, default):
+            return float(default if value is None else value)
+        sign = 1.0 if name == "x" else -1.0
+        own = {k: getattr(self, f"{k}_{name}" if k in ("a", "b") else f"{k}_{name}_nm")
+               for k in ("sigma0", "focal", "d", "a", "b")}
+        return (pick(own["sigma0"], self.sigma0_nm), pick(own["focal"], sign * self.gamma_nm),
+                pick(own["d"], self.d_nm), pick(own["a"], self.a), pick(own["b"], self.b))
+
+    def _one(self, z_nm, axis):
+        sigma0, focal, depth, a, b = self.axis(axis)
+        u = (np.asarray(z_nm, dtype=np.float64) - focal) / depth
+        q = 1.0 + u**2 + a * u**3 + b * u**4
         if np.any(q <= 0):
             raise DecodeAccelError("astigmatic PSF width is undefined at some z (1 + u^2 + A u^3 + B u^4 <= 0)",
                                    field="AstigmaticPSF.a/b", fix="choose A, B that keep the width positive")
-        s = self.sigma0_nm * np.sqrt(q)
-        ds_dz = self.sigma0_nm * (2 * u + 3 * self.a * u**2 + 4 * self.b * u**3) / (2 * np.sqrt(q) * self.d_nm)
+        s = sigma0 * np.sqrt(q)
+        ds_dz = sigma0 * (2 * u + 3 * a * u**2 + 4 * b * u**3) / (2 * np.sqrt(q) * depth)
         return s, ds_dz
 
     def sigmas_nm(self, z_nm):
         """(sigma_x, sigma_y, dsigma_x/dz, dsigma_y/dz), all in nm or nm/nm."""
-        sx, dsx = self._one(z_nm, +1.0)
-        sy, dsy = self._one(z_nm, -1.0)
+        sx, dsx = self._one(z_nm, "x")
+        sy, dsy = self._one(z_nm, "y")
         return sx, sy, dsx, dsy
 
     def sigmas_px(self, z_nm, px_size_nm: float):

@@ -206,6 +206,11 @@ def evaluate(gt: pd.DataFrame, pred: pd.DataFrame, *, method: str = "greedy", di
     if "ratio" in gt.columns and "ratio" in pred.columns and tp:
         m["ratio_rmse"] = _rms(p["ratio"].to_numpy(np.float64) - g["ratio"].to_numpy(np.float64))
         m["ratio_bias"] = _mean(p["ratio"].to_numpy(np.float64) - g["ratio"].to_numpy(np.float64))
+        if "ratio_sigma" in pred.columns:
+            err = p["ratio"].to_numpy(np.float64) - g["ratio"].to_numpy(np.float64)
+            s = p["ratio_sigma"].to_numpy(np.float64)
+            ok = np.isfinite(s) & np.isfinite(err)
+            m["calib_ratio"] = float(np.mean(np.abs(err[ok]) <= s[ok])) if ok.any() else nan
     true_dye = _true_dyes(g, dye_table)
     if true_dye is not None and "color" in pred.columns and tp:
         assigned = p["color"].to_numpy(np.float64)
@@ -244,7 +249,7 @@ _ROWS = [
     ("calib_z", "|dz| <= sigma_z (ideal 68.3)", "%"), ("crlb_x", "CRLB x (rms)", "nm"),
     ("rmse_over_crlb_x", "RMSE/CRLB x", ""), ("crlb_y", "CRLB y (rms)", "nm"), ("rmse_over_crlb_y", "RMSE/CRLB y", ""),
     ("crlb_z", "CRLB z (rms)", "nm"), ("rmse_over_crlb_z", "RMSE/CRLB z", ""), ("ratio_rmse", "ratio RMSE", ""),
-    ("ratio_bias", "ratio bias", ""), ("crosstalk", "colour crosstalk", "%"), ("rejection", "colour rejection", "%"),
+    ("ratio_bias", "ratio bias", ""), ("calib_ratio", "within 1 sigma ratio", ""), ("crosstalk", "colour crosstalk", "%"), ("rejection", "colour rejection", "%"),
 ]
 
 
