@@ -231,6 +231,9 @@ TUNING_EMITTER_FRAMES = 2000
 #: sub-pixel density is then known to about sqrt(2 / 40000) = 0.7 % (a 10-bin histogram of 40000
 #: positions resolves 1.5 % per bin), and the movie of 128 x 128 px frames predicts in about a minute
 EQUALISATION_EMITTER_FRAMES = 40_000
+#: a model that finds fewer emitters than this Jaccard index on the tuning movie is not worth the
+#: equalisation movie (about a minute): its positions are dominated by misses and noise
+EQUALISATION_MIN_JACCARD = 0.5
 
 
 def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = None, height: int = 64, width: int = 64,
@@ -254,7 +257,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     for the same precision). ``n_frames`` None: enough frames for about :data:`TUNING_EMITTER_FRAMES` true
     emitter-frames (100 to 500).
 
-    With ``subpixel`` the positions are then equalised within their pixel (:class:`SubpixelEqualisation`),
+    With ``subpixel`` (and a model that localizes: Jaccard index >= :data:`EQUALISATION_MIN_JACCARD` at
+    the chosen threshold) the positions are then equalised within their pixel (:class:`SubpixelEqualisation`),
     fitted on a second movie of the *training* physics (128 x 128 px frames, about
     :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, seed ``seed + 1``) predicted at the chosen
     threshold: its denser emitters give the fit enough positions in a minute, and how a network places an
@@ -301,7 +305,7 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     # with JI 0 everywhere) go to the candidate nearest 0.5.
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
     equalisation = None
-    if subpixel and calibration is not None:
+    if subpixel and calibration is not None and best["jaccard"] >= EQUALISATION_MIN_JACCARD:
         equalisation = fit_subpixel_equalisation(exported, best["threshold"], calibration, seed + 1)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
