@@ -50,6 +50,7 @@ from decode_accel import __version__
 from decode_accel.errors import DecodeAccelError
 from decode_accel.io import write_thunderstorm_csv
 from decode_accel.io._atomic import atomic_path
+from decode_accel.io._json import to_json_data
 from decode_accel.simulation import Camera, Simulator
 from decode_accel.simulation.config import CameraConfig, SimulationConfig
 
@@ -128,23 +129,9 @@ class MovieFile:
 
 
 def _config_dict(config: Any) -> dict[str, Any] | None:
-    if config is None:
-        return None
-    if hasattr(config, "model_dump"):
-        return config.model_dump(mode="json")
-    if isinstance(config, dict):
-        return json.loads(json.dumps(config, default=_json_default))
-    raise TypeError(f"config must be a SimulationConfig, a dict or None, got {type(config).__name__}")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} as JSON")
+    if config is not None and not (hasattr(config, "model_dump") or isinstance(config, dict)):
+        raise TypeError(f"config must be a SimulationConfig, a dict or None, got {type(config).__name__}")
+    return to_json_data(config)
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -240,8 +227,8 @@ def write_hdf5(path: str | os.PathLike, movie: Any, config: Any = None, *, px_si
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["px_size"] = float(px_size)
             f.attrs["n_channels"] = int(c)
-            f.attrs["camera"] = json.dumps(camera, default=_json_default)
-            f.attrs["psf"] = json.dumps(psf, default=_json_default)
+            f.attrs["camera"] = json.dumps(to_json_data(camera))
+            f.attrs["psf"] = json.dumps(to_json_data(psf))
             f.attrs["simulation_config"] = json.dumps(cfg)
             f.attrs["created_by"] = f"decode_accel {__version__}"
     return path
