@@ -23,8 +23,10 @@ from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
+from decode_accel.evaluation.matching import match_localizations
 from decode_accel.export import export_model, load_exported
-from decode_accel.inference.postprocess import PostProcessor, ProbabilityCalibration, SubpixelEqualisation
+from decode_accel.inference.postprocess import (PostProcessor, ProbabilityCalibration, SubpixelEqualisation,
+                                              ZResponseCalibration)
 from decode_accel.inference.predict import predict
 from decode_accel.io import write_table
 from decode_accel.simulation import Simulator
@@ -262,14 +264,17 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     fitted on a second movie of the *training* physics (128 x 128 px frames, about
     :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, seed ``seed + 1``) predicted at the chosen
     threshold: its denser emitters give the fit enough positions in a minute, and how a network places an
-    emitter within a pixel is a property of its training, not of the density it is used at.
+    emitter within a pixel is a property of its training, not of the density it is used at. For 3D the
+    same movie, whose truth is known, gives the :class:`ZResponseCalibration` (mean network z against
+    true z over the training range).
 
     Returns:
         {"threshold", "jaccard", "precision", "recall" at it (emitter-frames >= 25 % of the mean photons),
         "all_jaccard", "all_precision", "all_recall" (every emitter-frame), "chosen_on" (text), "tuning_seed",
         "density", "candidates": [{threshold, jaccard, precision, recall, all_...}, ...],
         "probability_calibration": {"raw": [...], "calibrated": [...]},
-        "subpixel_equalisation": {"x": [...], "y": [...]} or None}; thresholds are of the calibrated p.
+        "subpixel_equalisation": {"x": [...], "y": [...]} or None, "z_calibration": {"predicted": [...],
+        "true": [...]} or None (3D)}; thresholds are of the calibrated p.
     """
     import tempfile
 
@@ -304,13 +309,14 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     # and counting it as missed pulls the threshold down into the noise. Ties (e.g. an untrained model
     # with JI 0 everywhere) go to the candidate nearest 0.5.
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
-    equalisation = None
+    equalisation = z_calibration = None
     if subpixel and calibration is not None and best["jaccard"] >= EQUALISATION_MIN_JACCARD:
-        equalisation = fit_subpixel_equalisation(exported, best["threshold"], calibration, seed + 1)
+        equalisation, z_calibration = fit_position_corrections(exported, best["threshold"], calibration, seed + 1)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
                  probability_calibration=calibration.to_dict() if calibration is not None else None,
                  subpixel_equalisation=equalisation.to_dict() if equalisation is not None else None,
+                 z_calibration=z_calibration.to_dict() if z_calibration is not None else None,
                  chosen_on=f"a tuning movie of the {where} physics at {density:g} emitters/µm² ({n_frames} frames "
                            f"of {height}x{width} px, seed {seed}), best Jaccard index of the emitter-frames with "
                            f">= 25 % of the mean photons")
@@ -339,12 +345,13 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
     return sim, camera
 
 
-def fit_subpixel_equalisation(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
-                              size: int = 128) -> SubpixelEqualisation | None:
-    """The :class:`SubpixelEqualisation` of a model's reported positions on a movie of its training physics
-    (``size`` x ``size`` px frames, about :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000
-    frames), predicted at ``threshold`` of the calibrated p. None, with a warning, when the movie gives too
-    few positions or positions too gridded to remap (an untrained model)."""
+def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
+                             size: int = 128) -> tuple[SubpixelEqualisation | None, ZResponseCalibration | None]:
+    """The :class:`SubpixelEqualisation` and, for 3D, the :class:`ZResponseCalibration` of a model's reported
+    positions on one movie of its training physics (``size`` x ``size`` px frames, about
+    :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000 frames), predicted at ``threshold`` of
+    the calibrated p. Either is None, with a warning, when the movie gives too few positions or positions
+    that cannot be remapped (an untrained model)."""
     import tempfile
 
     chip = getattr(exported.camera, "map_shape", None)
@@ -358,14 +365,23 @@ def fit_subpixel_equalisation(exported, threshold: float, calibration: Probabili
         movie = simulate_held_out_movie(sim, n_frames, seed, tmp, name="equalisation")
         table = predict(exported, movie.tiff, progress=False, camera=camera, postprocessor=post)
     if len(table) < SubpixelEqualisation.MIN_POSITIONS:
-        logger.warning("sub-pixel equalisation skipped: %d positions on the equalisation movie", len(table))
-        return None
+        logger.warning("position corrections skipped: %d positions on the equalisation movie", len(table))
+        return None, None
     px = float(exported.px_size_nm)
+    equalisation = z_calibration = None
     try:
-        return SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
+        equalisation = SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
     except DecodeAccelError as err:
         logger.warning("sub-pixel equalisation skipped: %s", err)
-        return None
+    lo, hi = sim.emitters.z_range
+    if sim.psf.kind != "gaussian" and hi > lo:
+        gi, pi = match_localizations(movie.truth, table, use_z=True)
+        try:
+            z_calibration = ZResponseCalibration.fit(movie.truth["z"].to_numpy()[gi], table["z"].to_numpy()[pi],
+                                                     (lo, hi))
+        except DecodeAccelError as err:
+            logger.warning("z calibration skipped: %s", err)
+    return equalisation, z_calibration
 
 
 def _data_wait_share(perf: dict) -> float:

@@ -28,7 +28,8 @@ into one row each:
 4. **Units.** x = (j + 0.5 + dx) * px, y = (i + 0.5 + dy) * px (pixel centres, image origin at the
    top-left corner), plus ``roi_offset`` (row, col) in px for tiles; sigmas in nm; bg summed over
    channels (photons/px). With a :class:`SubpixelEqualisation` (from the export's operating point)
-   x and y are then remapped within their pixel so that their sub-pixel fractions are uniform.
+   x and y are then remapped within their pixel so that their sub-pixel fractions are uniform, and
+   with a :class:`ZResponseCalibration` z is mapped so that its mean error is ~0 at every depth.
 5. **Colour** (two-channel, with a dye table): posterior of each dye d given the predicted ratio r,
    P(d | r) ∝ prior_d * N(r; ratio_d, ratio_sigma^2 + ratio_sd_d^2); ``color`` = argmax,
    ``color_prob`` = its posterior; ``color`` = -1 when the posterior is below ``min_color_prob``.
@@ -249,6 +250,94 @@ class SubpixelEqualisation:
                                    field="subpixel_equalisation", fix="refit it with choose_operating_point") from None
 
 
+class ZResponseCalibration:
+    """A monotone map from the network's z to the true z, fitted on a movie of the training physics with
+    known truth (:meth:`fit`) and applied by the post-processor, so that the mean z error is ~0 at every
+    depth (the calibration curve a classical astigmatic fit reads z from, here for the network).
+
+    Why: the network's z is close to the posterior mean of its training prior. Where the PSF carries less
+    z information (far from focus, dim emitters), that mean shrinks towards the middle of the range: z is
+    compressed at the ends by tens of nm although the overall RMSE is at the bound (even below it: only a
+    biased estimator beats the CRLB). Widening the training range does not remove it, because the
+    information falls off with depth. The map takes the mean network z at each true depth back to that
+    depth; a z sigma is multiplied by the map's slope, the price of an unbiased depth.
+
+    Args:
+        predicted: the mean network z (nm) at each knot, strictly increasing.
+        true: the true z (nm) of each knot, strictly increasing.
+    Between knots the map is linear; beyond the ends it continues with the slope of the end segments.
+    """
+
+    def __init__(self, predicted: Sequence[float], true: Sequence[float]):
+        p, t = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
+        ok = (p.ndim == 1 and p.shape == t.shape and len(p) >= 2 and np.all(np.isfinite(p)) and np.all(np.isfinite(t))
+              and np.all(np.diff(p) > 0) and np.all(np.diff(t) > 0))
+        if not ok:
+            raise DecodeAccelError("a z calibration needs >= 2 knots with predicted and true z (nm) both strictly "
+                                   "increasing", field="z_calibration",
+                                   fix="refit it with decode_accel.pipeline.choose_operating_point")
+        self.predicted, self.true = p, t
+
+    @classmethod
+    def fit(cls, true_z: np.ndarray, predicted_z: np.ndarray, z_range: tuple[float, float], bins: int = 24,
+            min_per_bin: int = 50) -> "ZResponseCalibration":
+        """The map of matched pairs (``true_z``, ``predicted_z``, nm) grouped into ``bins`` equal bins of true z
+        over ``z_range`` (nm; bins with fewer than ``min_per_bin`` pairs are left out), as 33 knots over the
+        central 99 % of the network's z."""
+        t, p = np.asarray(true_z, dtype=np.float64), np.asarray(predicted_z, dtype=np.float64)
+        edges = np.linspace(float(z_range[0]), float(z_range[1]), bins + 1)
+        which = np.clip(np.digitize(t, edges) - 1, 0, bins - 1)
+        groups = [which == k for k in range(bins) if np.sum(which == k) >= min_per_bin]
+        if len(groups) < 4:
+            raise DecodeAccelError(f"{len(t)} matched emitters fill {len(groups)} z bins with >= {min_per_bin} "
+                                   "each (need 4)", field="z_calibration", fix="use a longer calibration movie")
+        # The map h is a polynomial in the network's z whose mean over the emitters of each true-z bin is
+        # that bin's mean true z: E[h(z_net) | z] = z, a linear least-squares problem in its coefficients.
+        # (Inverting the mean response instead would leave the curvature's share of the noise as bias:
+        # the mean of a curved map of a noisy z is not the map of its mean.) The highest degree <= 5 whose
+        # map rises over the network's z range is kept, and stored as knots.
+        z_true = np.array([t[g].mean() for g in groups])
+        z_net = np.array([p[g].mean() for g in groups])
+        if not (np.corrcoef(z_net, z_true)[0, 1] > 0.9 and np.ptp(z_net) > 0.1 * np.ptp(z_true)):
+            raise DecodeAccelError("the network's mean z does not increase with the true z: it cannot be calibrated",
+                                   field="z_calibration", fix="train the model longer")
+        lo, hi = np.percentile(p, [0.5, 99.5])
+        scale = max(abs(lo), abs(hi), 1e-9)
+        grid = np.linspace(lo, hi, 33)
+        for degree in (5, 4, 3, 2, 1):
+            def features(v):
+                return np.stack([(v / scale) ** j for j in range(degree + 1)], axis=1)
+            moments = np.array([features(p[g]).mean(axis=0) for g in groups])
+            coef, *_ = np.linalg.lstsq(moments, z_true, rcond=None)
+            knots = features(grid) @ coef
+            if np.all(np.diff(knots) > 0):
+                return cls(grid, knots)
+        raise DecodeAccelError("the network's mean z does not increase with the true z: it cannot be calibrated",
+                               field="z_calibration", fix="train the model longer")
+
+    def __call__(self, z_nm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The calibrated z (nm) of network z values ``z_nm`` and the map's slope there (to scale sigmas by)."""
+        z = np.asarray(z_nm, dtype=np.float64)
+        p, t = self.predicted, self.true
+        slopes = np.diff(t) / np.diff(p)
+        seg = np.clip(np.searchsorted(p, z) - 1, 0, len(p) - 2)
+        return t[seg] + (z - p[seg]) * slopes[seg], slopes[seg]
+
+    def to_dict(self) -> dict:
+        return {"predicted": [float(v) for v in self.predicted], "true": [float(v) for v in self.true]}
+
+    @classmethod
+    def from_any(cls, value) -> "ZResponseCalibration | None":
+        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
+        if value is None or isinstance(value, cls):
+            return value
+        try:
+            return cls(value["predicted"], value["true"])
+        except (KeyError, TypeError):
+            raise DecodeAccelError("a z calibration must be {predicted: [...], true: [...]}", field="z_calibration",
+                                   fix="refit it with choose_operating_point") from None
+
+
 class Dye(StrictModel):
     """One dye of a two-channel experiment: where its ratio sits and how widely it spreads."""
 
@@ -396,13 +485,15 @@ class PostProcessor:
             calibrated one and ``threshold`` applies to it; None: the network's aggregated p.
         subpixel_equalisation: a :class:`SubpixelEqualisation` (or its dict form) applied to x, y (and
             their sigmas); None: positions as the network reports them.
+        z_calibration: a :class:`ZResponseCalibration` (or its dict form) applied to z (and its sigma);
+            None: z as the network reports it.
 
     Call: ``post(output, frame_offset=0, px_size=None, roi_offset=(0, 0)) -> DataFrame``.
     """
 
     def __init__(self, threshold: float = 0.3, split_threshold: float = 0.6, merge_radius_px: float = 0.75,
                  px_size_nm: float = 100.0, dye_table: Any = None, min_color_prob: float = 0.0,
-                 calibration: Any = None, subpixel_equalisation: Any = None):
+                 calibration: Any = None, subpixel_equalisation: Any = None, z_calibration: Any = None):
         try:
             cfg = PostProcessConfig(threshold=threshold, split_threshold=split_threshold,
                                     merge_radius_px=merge_radius_px, min_color_prob=min_color_prob)
@@ -418,6 +509,7 @@ class PostProcessor:
         self.dyes = as_dyes(dye_table)
         self.calibration = ProbabilityCalibration.from_any(calibration)
         self.subpixel_equalisation = SubpixelEqualisation.from_any(subpixel_equalisation)
+        self.z_calibration = ZResponseCalibration.from_any(z_calibration)
         # the same cut on the network's own p (used to skip hopeless candidates early)
         self._raw_threshold = (self.threshold if self.calibration is None
                                else self.calibration.raw_threshold(self.threshold))
@@ -564,7 +656,10 @@ class PostProcessor:
         for key, (col, unit) in _FEATURES.items():
             if col not in data and output.get(key) is not None:
                 data[col] = np64(average(output[key])) * (px if unit == "px" else 1.0)
-        for col, slope in (("x_sigma", slope_x), ("y_sigma", slope_y)):
+        slope_z = 1.0
+        if self.z_calibration is not None and output.get("z") is not None:
+            data["z"], slope_z = self.z_calibration(data["z"])
+        for col, slope in (("x_sigma", slope_x), ("y_sigma", slope_y), ("z_sigma", slope_z)):
             if col in data:
                 data[col] = data[col] * slope
         if "ratio" not in data and "photons_ch1" in data and "photons_ch2" in data:
