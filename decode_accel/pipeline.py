@@ -347,8 +347,8 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
 
 def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
                              size: int = 128) -> tuple[SubpixelEqualisation | None, ZResponseCalibration | None]:
-    """The :class:`SubpixelEqualisation` and, for 3D, the :class:`ZResponseCalibration` of a model's reported
-    positions on one movie of its training physics (``size`` x ``size`` px frames, about
+    """The :class:`SubpixelEqualisation` (with the network's constant x, y offset) and, for 3D, the
+    :class:`ZResponseCalibration` of a model's reported positions on one movie of its training physics (``size`` x ``size`` px frames, about
     :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000 frames), predicted at ``threshold`` of
     the calibrated p. Either is None, with a warning, when the movie gives too few positions or positions
     that cannot be remapped (an untrained model)."""
@@ -369,13 +369,18 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
         return None, None
     px = float(exported.px_size_nm)
     equalisation = z_calibration = None
+    lo, hi = sim.emitters.z_range
+    three_d = sim.psf.kind != "gaussian" and hi > lo
+    gi, pi = match_localizations(movie.truth, table, use_z=three_d)
     try:
         equalisation = SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
+        # the network's constant offset, measured on the remapped positions of the matched emitters
+        x, y, _, _ = equalisation(table["x"].to_numpy()[pi] / px, table["y"].to_numpy()[pi] / px)
+        offset = (np.mean(x - movie.truth["x"].to_numpy()[gi] / px), np.mean(y - movie.truth["y"].to_numpy()[gi] / px))
+        equalisation = equalisation.with_offset(offset) if len(gi) else equalisation
     except DecodeAccelError as err:
         logger.warning("sub-pixel equalisation skipped: %s", err)
-    lo, hi = sim.emitters.z_range
-    if sim.psf.kind != "gaussian" and hi > lo:
-        gi, pi = match_localizations(movie.truth, table, use_z=True)
+    if three_d:
         try:
             z_calibration = ZResponseCalibration.fit(movie.truth["z"].to_numpy()[gi], table["z"].to_numpy()[pi],
                                                      (lo, hi))

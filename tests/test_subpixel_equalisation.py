@@ -99,10 +99,11 @@ def test_the_operating_point_stores_an_equalisation_that_undoes_a_models_griddin
     export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())
 
     def gridded_predict(model, tiff, threshold=None, postprocessor=None, **kwargs):
-        """Every true emitter found (p 0.9), placed with a pull of 0.04 px towards its pixel's centre."""
+        """Every true emitter found (p 0.9), placed with a pull of 0.04 px towards its pixel's centre, and
+        2 nm too low in y (a trained network's constant offset)."""
         truth = read_table(str(tiff).replace(".tif", "_truth.csv"))
         return truth[["frame"]].assign(x=100.0 * gridded(truth["x"].to_numpy() / 100.0, 0.04),
-                                       y=100.0 * gridded(truth["y"].to_numpy() / 100.0, 0.04), prob=0.9)
+                                       y=100.0 * gridded(truth["y"].to_numpy() / 100.0, 0.04) + 2.0, prob=0.9)
 
     monkeypatch.setattr(pipeline, "predict", gridded_predict)
     monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 8000)
@@ -114,3 +115,17 @@ def test_the_operating_point_stores_an_equalisation_that_undoes_a_models_griddin
     x, _, _, _ = SubpixelEqualisation.from_any(eq)(gridded(truth, 0.04), truth)
     assert subpixel_uniformity(gridded(truth, 0.04), 1.0)["chi2_per_dof"] > 50
     assert subpixel_uniformity(x, 1.0)["chi2_per_dof"] < 4
+    # the constant offset, measured against the movie's truth, is removed as well
+    np.testing.assert_allclose(eq["offset"], [0.0, 0.02], atol=0.002)
+    _, y, _, _ = SubpixelEqualisation.from_any(eq)(truth, gridded(truth, 0.04) + 0.02)
+    assert abs(np.mean(y - truth)) < 0.002
+
+
+def test_an_offset_is_subtracted_after_the_remap_and_an_impossible_one_is_refused():
+    eq = SubpixelEqualisation([0.1, 0.0], [0.0, 0.0])
+    x, y, _, _ = eq(np.array([3.3]), np.array([4.6]))
+    x2, y2, _, _ = eq.with_offset((0.01, -0.02))(np.array([3.3]), np.array([4.6]))
+    assert x2[0] == pytest.approx(x[0] - 0.01) and y2[0] == pytest.approx(y[0] + 0.02)
+    assert SubpixelEqualisation.from_any(eq.with_offset((0.01, -0.02)).to_dict()).offset.tolist() == [0.01, -0.02]
+    with pytest.raises(DecodeAccelError, match="offset"):
+        eq.with_offset((0.7, 0.0))

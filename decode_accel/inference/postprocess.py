@@ -165,19 +165,27 @@ class SubpixelEqualisation:
 
     The density of the reported fractions u in [0, 1) is summarised by ``harmonics`` Fourier terms,
     f(u) = 1 + sum_k a_k cos(2 pi k u) + b_k sin(2 pi k u), and u goes to F(u) - c, with F the
-    cumulative of f and c its mean shift (so the map moves no position on average: a constant offset is
-    the network's to fix, not this map's). Positions are in px with the image origin at the top-left
-    corner; a sigma is multiplied by f(u), the map's slope.
+    cumulative of f and c its mean shift (so the remap moves no position on average). Then ``offset``,
+    the constant error of the network measured against the truth of the same movie, is subtracted: its
+    root causes are removed in training (zero-initialised offset heads, a learning rate that decays), but
+    each trained network keeps one of a nanometre or two, different per axis and per run. Positions are
+    in px with the image origin at the top-left corner; a sigma is multiplied by f(u), the map's slope.
 
     Args:
         x, y: the coefficients [a_1, b_1, a_2, b_2, ...] of each axis (dimensionless).
+        offset: the network's mean error (x, y) in px, subtracted after the remap.
     """
 
     #: below this many positions the Fourier coefficients are too noisy (about sqrt(2 / n) each)
     MIN_POSITIONS = 2000
 
-    def __init__(self, x: Sequence[float], y: Sequence[float]):
+    def __init__(self, x: Sequence[float], y: Sequence[float], offset: Sequence[float] = (0.0, 0.0)):
         cx, cy = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        shift = np.asarray(offset, dtype=np.float64)
+        if shift.shape != (2,) or not np.all(np.isfinite(shift)) or np.any(np.abs(shift) > 0.5):
+            raise DecodeAccelError("a sub-pixel equalisation's offset must be two finite numbers within +-0.5 px",
+                                   field="subpixel_equalisation.offset",
+                                   fix="refit it with decode_accel.pipeline.choose_operating_point")
         ok = (cx.ndim == 1 and cx.shape == cy.shape and len(cx) >= 2 and len(cx) % 2 == 0
               and np.all(np.isfinite(cx)) and np.all(np.isfinite(cy)))
         if not ok:
@@ -189,7 +197,7 @@ class SubpixelEqualisation:
                 raise DecodeAccelError(f"the {axis} sub-pixel density of this equalisation falls to <= 0.25 of "
                                        "uniform: the positions are too strongly gridded to be remapped",
                                        field="subpixel_equalisation", fix="train the model longer")
-        self.x, self.y = cx, cy
+        self.x, self.y, self.offset = cx, cy, shift
 
     @property
     def harmonics(self) -> int:
@@ -198,7 +206,8 @@ class SubpixelEqualisation:
     @classmethod
     def fit(cls, x_px: np.ndarray, y_px: np.ndarray, harmonics: int = 3) -> "SubpixelEqualisation":
         """The equalisation of the positions ``x_px``, ``y_px`` (px, image origin at the top-left corner):
-        the Fourier coefficients of their sub-pixel density, 2 <cos(2 pi k u)> and 2 <sin(2 pi k u)>."""
+        the Fourier coefficients of their sub-pixel density, 2 <cos(2 pi k u)> and 2 <sin(2 pi k u)>; no
+        offset (see :meth:`with_offset`)."""
         x, y = np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64)
         if len(x) < cls.MIN_POSITIONS:
             raise DecodeAccelError(f"{len(x)} positions are too few to equalise sub-pixel fractions "
@@ -210,6 +219,11 @@ class SubpixelEqualisation:
             return np.ravel([[2 * np.mean(np.cos(k * u)), 2 * np.mean(np.sin(k * u))]
                              for k in range(1, harmonics + 1)])
         return cls(coefficients(x), coefficients(y))
+
+    def with_offset(self, offset_px: Sequence[float]) -> "SubpixelEqualisation":
+        """The same remap followed by subtracting ``offset_px`` (x, y; px), the mean error of the remapped
+        positions against a known truth."""
+        return type(self)(self.x, self.y, offset_px)
 
     @staticmethod
     def _density(u: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -232,11 +246,12 @@ class SubpixelEqualisation:
     def __call__(self, x_px: np.ndarray, y_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The remapped positions (px) and the map's slopes along x and y (to scale sigmas by)."""
         x, y = np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64)
-        return (self._remap(x, self.x), self._remap(y, self.y),
+        return (self._remap(x, self.x) - self.offset[0], self._remap(y, self.y) - self.offset[1],
                 self._density(np.mod(x, 1.0), self.x), self._density(np.mod(y, 1.0), self.y))
 
     def to_dict(self) -> dict:
-        return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y]}
+        return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y],
+                "offset": [float(v) for v in self.offset]}
 
     @classmethod
     def from_any(cls, value) -> "SubpixelEqualisation | None":
@@ -244,9 +259,9 @@ class SubpixelEqualisation:
         if value is None or isinstance(value, cls):
             return value
         try:
-            return cls(value["x"], value["y"])
-        except (KeyError, TypeError):
-            raise DecodeAccelError("a sub-pixel equalisation must be {x: [...], y: [...]}",
+            return cls(value["x"], value["y"], value.get("offset", (0.0, 0.0)))
+        except (KeyError, TypeError, AttributeError):
+            raise DecodeAccelError("a sub-pixel equalisation must be {x: [...], y: [...], offset: [x, y]}",
                                    field="subpixel_equalisation", fix="refit it with choose_operating_point") from None
 
 
