@@ -119,6 +119,8 @@ def test_the_operating_point_stores_an_equalisation_that_undoes_a_models_griddin
     np.testing.assert_allclose(eq["offset"], [0.0, 0.02], atol=0.002)
     _, y, _, _ = SubpixelEqualisation.from_any(eq)(truth, gridded(truth, 0.04) + 0.02)
     assert abs(np.mean(y - truth)) < 0.002
+    card = (export / "README.md").read_text()
+    assert "sub-pixel fractions equalised and a constant offset of" in card and "nm (x / y) removed" in card
 
 
 def test_an_offset_is_subtracted_after_the_remap_and_an_impossible_one_is_refused():
