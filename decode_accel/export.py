@@ -222,6 +222,17 @@ def model_card(name: str, meta: Mapping[str, Any], sim: SimulationConfig | None 
                      f"{_fmt(float(point['threshold']))} by default (chosen on {where}; there: "
                      + ", ".join(f"{k} {_fmt(point[k])}" for k in ("precision", "recall", "jaccard") if k in point)
                      + "). Pass `--threshold` to trade recall for precision.")
+        corrections = []
+        equalisation = point.get("subpixel_equalisation")
+        if equalisation:
+            ox, oy = (float(v) * float(meta["px_size_nm"]) for v in equalisation.get("offset", (0.0, 0.0)))
+            corrections.append(f"sub-pixel fractions equalised and a constant offset of {ox:+.2f} / {oy:+.2f} nm "
+                               "(x / y) removed")
+        if point.get("z_calibration"):
+            corrections.append("z mapped so that its mean error is ~0 at every depth (z sigmas widened to match)")
+        if corrections:
+            lines.append("Positions are corrected as measured on a simulated movie of the training physics: "
+                         + "; ".join(corrections) + ".")
     else:
         lines.append("None recorded: `decode-accel predict` uses the post-processor's default threshold (0.3).")
     lines += [
