@@ -3,8 +3,9 @@
 An export folder is self-contained (nothing of training: no optimizer, no RNG):
 
     model.safetensors   weights (written by the model's ``save_pretrained``)
-    config.json         constructor arguments of the network, including its input/output Scaling
-    decode_accel.json   format_version, architecture, px_size_nm, frame size, n_channels, camera, psf,
+    config.json         constructor arguments of the network, including its input/output Scaling and
+                        variance_input (the network reads the sCMOS read-noise variance map too)
+    decode_accel.json   format_version, architecture, px_size_nm, frame size, n_channels, variance_input, camera, psf,
                         channels and dye table, scaling, the full simulation config, metrics, and the
                         operating point (the detection threshold the model was validated at, see
                         decode_accel.pipeline.choose_operating_point; predict uses it by default)
@@ -36,6 +37,7 @@ import decode_accel
 from decode_accel.errors import DecodeAccelError
 from decode_accel.io._atomic import fsync_tree, swap_folder
 from decode_accel.models.config import ARCHITECTURES
+from decode_accel.models.variance import reads_variance
 from decode_accel.simulation.camera import Camera
 from decode_accel.simulation.config import SimulationConfig
 
@@ -181,6 +183,9 @@ def model_card(name: str, meta: Mapping[str, Any], sim: SimulationConfig | None 
     elif cam.kind == "scmos":
         lines.append(f"- camera: sCMOS, QE {_fmt(cam.qe)}, {_fmt(cam.e_per_adu)} e-/ADU, offset {_fmt(cam.baseline)} "
                      f"ADU, read noise {_fmt(cam.read_noise)} e-")
+        if meta.get("variance_input"):
+            lines.append("- input: besides the frames, the per-pixel read-noise variance map of the same pixels "
+                         "(assets/; predict takes the movie's region of it)")
     else:
         lines.append("- camera: ideal (shot noise only, ADU = photons)")
     psf_text = {"gaussian": f"Gaussian, sigma {_fmt(psf.sigma)} px",
@@ -320,6 +325,11 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
             raise DecodeAccelError(f"threshold must lie in (0, 1], got {threshold!r}", field="operating_point.threshold",
                                    fix="pass the probability threshold the model was validated at")
     own = _model_channels(net)
+    variance_input = reads_variance(net)
+    if variance_input and not Camera(sim.camera).has_variance_map:
+        raise DecodeAccelError("the model reads the sCMOS read-noise variance map (model.variance_input) but the "
+                               "simulation config's camera has none", field="simulation_config.camera",
+                               fix="pass the simulation config the model was trained on (with its sCMOS maps)")
     if own is not None and own != n_channels:
         raise DecodeAccelError(f"the model reads {own} channel(s) but the simulation config has {n_channels}",
                                field="simulation_config.channels.n_channels",
@@ -351,6 +361,7 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
             "px_size_nm": sim.frame.px_size,
             "frame_size": [sim.frame.height, sim.frame.width],
             "n_channels": n_channels,
+            "variance_input": variance_input,
             "camera": sim_data["camera"],
             "psf": sim_data["psf"],
             "channels": sim_data["channels"],

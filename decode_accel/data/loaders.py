@@ -63,6 +63,9 @@ class LoaderConfig(StrictModel):
     whole_batches: bool | None = Field(
         None, description="a simulated stream yields each batch as one simulator call, not split into samples and "
                           "re-padded; needs clips_per_call = batch_size; None = on when sim_device is not the CPU (-)")
+    with_variance: bool = Field(
+        False, description="simulated samples also carry 'variance' (C, H, W): their crop of the sCMOS read-noise "
+                           "variance map in photons², for networks with model.variance_input (-)")
     clips_per_call: int | None = Field(
         None, ge=1, description="simulated clips per vectorised simulator call; must divide batch_size; None = "
                                 "batch_size (fastest); part of the stream's seed (clips)")
@@ -126,7 +129,11 @@ def build_dataset(data_path: str | os.PathLike | None, cfg: LoaderConfig, mode: 
             num_samples=cfg.val_samples if finite else None,
             photon_min=cfg.label_photon_min, difficulty_schedule=None if finite else difficulty_schedule,
             clips_per_call=cfg.clips_per_call or cfg.batch_size, worker_block_size=cfg.batch_size, stream_id=mode,
-            device=cfg.sim_device)
+            device=cfg.sim_device, with_variance=cfg.with_variance)
+    if cfg.with_variance:
+        raise DecodeAccelError("the sCMOS variance input needs on-the-fly simulation: a data file does not say where "
+                               "on the chip its frames lie", path=data_path, field="model.variance_input",
+                               fix="set data.data_path: null (simulate), or model.variance_input: false")
 
     path = Path(data_path)
     photon_min = cfg.label_photon_min

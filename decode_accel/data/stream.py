@@ -199,13 +199,17 @@ class SimulatedWindowStream(IterableDataset):
         device: where to simulate ('cpu', or 'cuda' to run the simulator on the GPU in the main process with
             num_workers=0 and pin_memory off); samples are returned on that device. The random streams of
             different devices differ, so a device is part of the seed like ``clips_per_call``.
+        with_variance: each sample also carries ``variance`` (C, H, W): its own crop of the per-pixel sCMOS
+            read-noise variance map, in photons² (the crop its camera noise was drawn with), for networks
+            with ``model.variance_input``. It uses no random numbers: the samples are the same either way.
     """
 
     def __init__(self, config: Any, *, base_seed: int | None = None, rank: int = 0, world_size: int = 1,
                  start_index: int = 0, num_samples: int | None = None, photon_min: float | None = None,
                  difficulty_schedule: Callable[[int], Mapping[str, Any]] | Sequence[Any] | None = None,
                  clips_per_call: int = 1, worker_block_size: int | None = None, stream_id: int | str = 0,
-                 simulator_factory: Callable[[Any], Any] | None = None, device: str | torch.device = "cpu"):
+                 simulator_factory: Callable[[Any], Any] | None = None, device: str | torch.device = "cpu",
+                 with_variance: bool = False):
         k = int(clips_per_call)
         block = k if worker_block_size is None else int(worker_block_size)
         if world_size < 1 or not 0 <= rank < world_size:
@@ -232,6 +236,7 @@ class SimulatedWindowStream(IterableDataset):
         self.stream_id = STREAM_IDS[stream_id] if isinstance(stream_id, str) else int(stream_id)
         self.simulator_factory = simulator_factory
         self.device = torch.device(device)
+        self.with_variance = bool(with_variance)
         #: yield whole chunks as batch dicts (already padded) instead of single samples; set by
         #: create_dataloader when a batch is one chunk (``whole_batches``): no per-sample split, re-pad or
         #: host sync, which on a GPU cost about 3 syncs per sample (issue 15.3)
@@ -303,10 +308,13 @@ class SimulatedWindowStream(IterableDataset):
             em = em[em["frame"].to_numpy() == 1]
             sample = {"frames": frames, "bg": torch.as_tensor(movie.bg[1], dtype=torch.float32).contiguous(),
                       "sample_index": torch.tensor(q, dtype=torch.int64)}
+            if self.with_variance:
+                sample["variance"] = sim.camera.read_variance_photons(tuple(frames[:, 0].shape), movie.roi_origin,
+                                                                      device=frames.device)
             targets = emitters_to_targets(em, px_size, photon_min=self.photon_min, n_channels=frames.shape[0])
             sample.update({key: v.to(self.device) for key, v in targets.items()})
             return [sample]
-        batch = sim.sample_windows(k, gen)
+        batch = sim.sample_windows(k, gen, with_variance=self.with_variance)
         out = []
         for b in range(k):
             m = batch["tgt_mask"][b]
@@ -314,6 +322,8 @@ class SimulatedWindowStream(IterableDataset):
                         "sample_index": torch.tensor(q * k + b, dtype=torch.int64),
                         "tgt_xyz": batch["tgt_xyz"][b][m].float(), "tgt_photons": batch["tgt_photons"][b][m].float(),
                         "tgt_ratio": batch["tgt_ratio"][b][m].float()})
+            if self.with_variance:
+                out[-1]["variance"] = batch["variance"][b].contiguous()
         return out
 
     def simulate_chunk_batch(self, q: int) -> dict[str, torch.Tensor]:
@@ -323,12 +333,15 @@ class SimulatedWindowStream(IterableDataset):
             return collate_samples(self.simulate_chunk(q))
         sim, _ = self._stage(self.overrides_for(q * k))
         gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.base_seed, q, self.stream_id, k))
-        batch = sim.sample_windows(k, gen)
+        batch = sim.sample_windows(k, gen, with_variance=self.with_variance)
         mask = batch["tgt_mask"]
-        return {"tgt_xyz": batch["tgt_xyz"].float(), "tgt_photons": batch["tgt_photons"].float(),
-                "tgt_ratio": batch["tgt_ratio"].float(), "tgt_mask": mask,
-                "frames": batch["frames"].float().contiguous(), "bg": batch["bg"].float().contiguous(),
-                "sample_index": torch.arange(q * k, q * k + k, dtype=torch.int64)}
+        out = {"tgt_xyz": batch["tgt_xyz"].float(), "tgt_photons": batch["tgt_photons"].float(),
+               "tgt_ratio": batch["tgt_ratio"].float(), "tgt_mask": mask,
+               "frames": batch["frames"].float().contiguous(), "bg": batch["bg"].float().contiguous(),
+               "sample_index": torch.arange(q * k, q * k + k, dtype=torch.int64)}
+        if self.with_variance:
+            out["variance"] = batch["variance"].contiguous()
+        return out
 
     def make_sample(self, index: int) -> dict[str, torch.Tensor]:
         """Simulate global sample ``index`` alone (its whole chunk is simulated and the rest dropped)."""

@@ -35,7 +35,7 @@ def _batched(data: Batch) -> tuple[Batch, bool]:
     out = dict(data)
     single = out["frames"].dim() == 4
     if single:
-        for k in ("frames", "bg", "tgt_xyz", "tgt_photons", "tgt_ratio", "tgt_mask"):
+        for k in ("frames", "bg", "variance", "tgt_xyz", "tgt_photons", "tgt_ratio", "tgt_mask"):
             if k in out:
                 out[k] = out[k].unsqueeze(0)
     return out, single
@@ -43,7 +43,7 @@ def _batched(data: Batch) -> tuple[Batch, bool]:
 
 def _unbatched(data: Batch, single: bool) -> Batch:
     if single:
-        for k in ("frames", "bg", "tgt_xyz", "tgt_photons", "tgt_ratio", "tgt_mask"):
+        for k in ("frames", "bg", "variance", "tgt_xyz", "tgt_photons", "tgt_ratio", "tgt_mask"):
             if k in data:
                 data[k] = data[k].squeeze(0)
     return data
@@ -80,14 +80,17 @@ def rot90(frames: torch.Tensor, bg: torch.Tensor | None, xyz: torch.Tensor, k: i
 
 def _per_sample_geometry(data: Batch, fn) -> Batch:
     out, single = _batched(data)
-    frames, bg, xyz = [], [], []
+    # the background and the sCMOS variance maps (C, H, W) of a sample move with its frames: one stack of maps
+    maps = [k for k in ("bg", "variance") if k in out]
+    frames, moved, xyz = [], [], []
     for b in range(out["frames"].shape[0]):
-        f, g, p = fn(b, out["frames"][b], out["bg"][b] if "bg" in out else None,
+        f, g, p = fn(b, out["frames"][b], torch.cat([out[k][b] for k in maps]) if maps else None,
                      out["tgt_xyz"][b] if "tgt_xyz" in out else torch.zeros(0, 3))
-        frames.append(f), bg.append(g), xyz.append(p)
+        frames.append(f), moved.append(g), xyz.append(p)
     out["frames"] = torch.stack(frames)
-    if "bg" in out:
-        out["bg"] = torch.stack(bg)
+    if maps:
+        parts = torch.stack(moved).split([out[k].shape[1] for k in maps], dim=1)
+        out.update(zip(maps, parts))
     if "tgt_xyz" in out:
         out["tgt_xyz"] = torch.stack(xyz)
     return _unbatched(out, single)

@@ -41,6 +41,10 @@ class ModelConfig(StrictModel):
     uncertainty: bool = Field(True, description="predict per-pixel sigmas, required by the Gaussian-mixture loss (-)")
     share_stage1: bool = Field(True, description="DoubleMUNet: both channels share the stage-1 U-Net weights (-)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory (-)")
+    variance_input: bool = Field(
+        False, description="feed each frame's crop of the sCMOS read-noise variance map (photons², seen as "
+                           "log1p(variance / scaling.variance_scale)) beside it to stage 1, in training and in predict; "
+                           "needs simulation.camera.kind scmos with a per-pixel variance map (-)")
     scaling: Scaling = Field(default_factory=Scaling,
                              description="input offset/scale (photons) and output ranges (photons, nm, photons/px); in a "
                                          "TrainingConfig every field not given is derived from the simulation "
@@ -60,7 +64,8 @@ class ModelConfig(StrictModel):
             if value is not None:
                 kwargs[name] = value
         kwargs.update(z_enabled=self.z_enabled, uncertainty=self.uncertainty,
-                      gradient_checkpointing=self.gradient_checkpointing, scaling=self.scaling.model_copy())
+                      gradient_checkpointing=self.gradient_checkpointing, scaling=self.scaling.model_copy(),
+                      variance_input=self.variance_input)
         if self.architecture == "DoubleMUNet":
             kwargs["share_stage1"] = self.share_stage1
         else:

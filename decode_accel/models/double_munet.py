@@ -39,7 +39,7 @@ class DoubleMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel"
         out_channels_ratio: informational, 1 (the ratio).
         uncertainty: predict sigmas (needed by the Gaussian-mixture and ratio NLL losses).
         share_stage1: both channels use the same stage-1 weights (see above).
-        dropout, features, depth, activation, norm, scaling, z_enabled, gradient_checkpointing: as in
+        dropout, features, depth, activation, norm, scaling, z_enabled, gradient_checkpointing, variance_input: as in
             :class:`~decode_accel.models.SigmaMUNet`.
 
     Output (physical units): p, logits, dx, dy (px), z (nm), photons = total N, ratio r in (0, 1),
@@ -57,7 +57,7 @@ class DoubleMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel"
                  out_channels_ratio: int | None = 1, uncertainty: bool = True, dropout: float = 0.0,
                  features: int = 48, depth: int = 2, activation: str = "elu", norm: str | None = None,
                  scaling: Scaling | dict | None = None, z_enabled: bool = True, share_stage1: bool = True,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, variance_input: bool = False):
         if in_channels != 1:
             raise DecodeAccelError(f"got {in_channels}; DoubleMUNet's stage 1 sees one camera channel at a time",
                                    field="in_channels", fix="pass in_channels=1 (the input has 2 channels)")
@@ -73,7 +73,8 @@ class DoubleMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel"
             heads["sigma"] = 5
         super().__init__(in_channels=2, stage1_groups=2, share_stage1=share_stage1, head_channels=heads,
                          features=features, depth=depth, activation=activation, norm=norm, dropout=dropout,
-                         scaling=scaling, gradient_checkpointing=gradient_checkpointing)
+                         scaling=scaling, gradient_checkpointing=gradient_checkpointing,
+                         variance_input=variance_input)
         self.uncertainty = uncertainty
         self.z_enabled = z_enabled
         self.share_stage1 = share_stage1
@@ -81,7 +82,8 @@ class DoubleMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel"
                                  out_channels_ch2=out_channels_ch2, out_channels_ratio=out_channels_ratio,
                                  uncertainty=uncertainty, dropout=dropout, features=features, depth=depth,
                                  activation=activation, norm=norm, z_enabled=z_enabled,
-                                 share_stage1=share_stage1, gradient_checkpointing=gradient_checkpointing))
+                                 share_stage1=share_stage1, gradient_checkpointing=gradient_checkpointing,
+                                 variance_input=variance_input))
 
     def _outputs(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self.scaling

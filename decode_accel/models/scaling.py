@@ -44,6 +44,14 @@ class Scaling(StrictModel):
     z_max: float = Field(900.0, gt=0.0,
                          description="the z head spans (-z_max, z_max); the z sigma is in units of it (nm)")
     bg_max: float = Field(180.0, gt=0.0, description="upper end of the background head (photons/px)")
+    variance_scale: float | None = Field(
+        None, gt=0.0, description="model.variance_input: the network sees log1p(read-noise variance / this); "
+                                  "None = input_offset, the mean background, whose shot-noise variance it is (photons²)")
+
+    def variance_reference(self) -> float:
+        """The divisor of the read-noise variance input (photons²): ``variance_scale``, else the mean
+        background ``input_offset`` (at least 1e-3)."""
+        return float(self.variance_scale) if self.variance_scale is not None else max(float(self.input_offset), 1e-3)
 
     @classmethod
     def auto(cls, photons_mean: float, photons_sd: float, z_extent_nm: float | Sequence[float],

@@ -34,6 +34,8 @@ class SigmaMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel",
         scaling: :class:`Scaling` (or a dict of its fields); the input offset/scale and output ranges.
         z_enabled: False for 2D data: z is 0 and z_sigma a constant ``0.1 * z_max`` nm.
         gradient_checkpointing: recompute U-Net activations in the backward pass (saves memory).
+        variance_input: the input has C more channels after the camera channels: the per-pixel sCMOS
+            read-noise variance in photons² (``model.variance_input``, see ``TwoStageNet``).
 
     Input: frames (B, C, 3, H, W) in photons; the model applies ``(x - input_offset) / input_scale``.
     Output: dict of maps in physical units (docs/architecture.md): p, logits, photons, dx, dy, z
@@ -51,7 +53,7 @@ class SigmaMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel",
     def __init__(self, in_channels: int = 1, out_channels: int | None = 5, uncertainty: bool = True,
                  dropout: float = 0.0, features: int = 48, depth: int = 2, activation: str = "elu",
                  norm: str | None = None, scaling: Scaling | dict | None = None, z_enabled: bool = True,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, variance_input: bool = False):
         raw_channels = 10 if uncertainty else 6
         if out_channels is not None and out_channels not in (5, raw_channels):
             raise DecodeAccelError(
@@ -62,12 +64,14 @@ class SigmaMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel",
             heads["sigma"] = 4
         super().__init__(in_channels=in_channels, stage1_groups=1, share_stage1=True, head_channels=heads,
                          features=features, depth=depth, activation=activation, norm=norm, dropout=dropout,
-                         scaling=scaling, gradient_checkpointing=gradient_checkpointing)
+                         scaling=scaling, gradient_checkpointing=gradient_checkpointing,
+                         variance_input=variance_input)
         self.uncertainty = uncertainty
         self.z_enabled = z_enabled
         self._finish_config(dict(in_channels=in_channels, out_channels=out_channels, uncertainty=uncertainty,
                                  dropout=dropout, features=features, depth=depth, activation=activation,
-                                 norm=norm, z_enabled=z_enabled, gradient_checkpointing=gradient_checkpointing))
+                                 norm=norm, z_enabled=z_enabled, gradient_checkpointing=gradient_checkpointing,
+                                 variance_input=variance_input))
 
     def _outputs(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         s = self.scaling

@@ -85,14 +85,20 @@ class TwoStageNet(nn.Module):
         share_stage1: with several groups, whether the groups share stage-1 weights.
         head_channels: name -> output channels of each head; 'p' must be among them.
 
+        variance_input: the input carries, after the C camera channels, C more: the per-pixel sCMOS
+            read-noise variance (photons²) of the same pixels (:func:`decode_accel.models.variance.with_variance`).
+            Stage 1 sees each frame beside its variance map (channel g's frame with channel g's map), so
+            the per-frame spot detector can tell a noisy pixel's flicker from a molecule.
+
     Attributes useful to callers: ``in_channels`` (camera channels C the frames must have: 1 for
-    SigmaMUNet, 2 for DoubleMUNet), ``frame_features`` (channels of one frame's cached features),
-    ``size_multiple`` (H and W must be multiples of it), ``scaling``.
+    SigmaMUNet, 2 for DoubleMUNet), ``input_channels`` (channels of the input tensor: C, or 2C with the
+    variance input), ``frame_features`` (channels of one frame's cached features), ``size_multiple``
+    (H and W must be multiples of it), ``scaling``.
     """
 
     def __init__(self, *, in_channels: int, stage1_groups: int, share_stage1: bool, head_channels: dict[str, int],
                  features: int, depth: int, activation: str, norm: str | None, dropout: float,
-                 scaling: Scaling | dict | None, gradient_checkpointing: bool):
+                 scaling: Scaling | dict | None, gradient_checkpointing: bool, variance_input: bool = False):
         super().__init__()
         if in_channels < 1 or in_channels % stage1_groups:
             raise DecodeAccelError(f"{in_channels} channels cannot be split into {stage1_groups} groups",
@@ -100,6 +106,9 @@ class TwoStageNet(nn.Module):
         if depth < 1:
             raise DecodeAccelError(f"must be >= 1, got {depth}", field="depth")
         self.in_channels = in_channels
+        self.variance_input = bool(variance_input)
+        #: channels of the input tensor: the C camera channels, then (variance_input) their C variance maps
+        self.input_channels = in_channels * (2 if self.variance_input else 1)
         self.features = features
         self.depth = depth
         self.activation = activation
@@ -108,7 +117,7 @@ class TwoStageNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self._scaling = scaling_from_any(scaling)
         self.stage1_groups = stage1_groups
-        group_in = in_channels // stage1_groups
+        group_in = in_channels // stage1_groups * (2 if self.variance_input else 1)
         unet = dict(features=features, depth=depth, activation=activation, norm=norm, dropout=dropout)
         n_stage1 = 1 if share_stage1 else stage1_groups
         self.stage1 = nn.ModuleList([UNet2d(group_in, features, **unet) for _ in range(n_stage1)])
@@ -196,15 +205,24 @@ class TwoStageNet(nn.Module):
     def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """The windows as (B, C, 3, H, W). A single-channel model also takes DECODE's (B, 3, H, W), the three
         frames t-1, t, t+1 stacked on axis 1, and reads it as (B, 1, 3, H, W)."""
-        if frames.ndim == 4 and self.in_channels == 1 and frames.shape[1] == 3:
+        if frames.ndim == 4 and self.input_channels == 1 and frames.shape[1] == 3:
             frames = frames.unsqueeze(1)
-        if frames.ndim != 5 or frames.shape[1] != self.in_channels or frames.shape[2] != 3:
-            also = " or (B, 3, H, W)" if self.in_channels == 1 else ""
+        if frames.ndim != 5 or frames.shape[1] != self.input_channels or frames.shape[2] != 3:
+            also = " or (B, 3, H, W)" if self.input_channels == 1 else ""
             raise DecodeAccelError(
-                f"expected shape (B, {self.in_channels}, 3, H, W){also} in photons, got {tuple(frames.shape)}",
-                field="frames", fix="stack frames t-1, t, t+1 on axis 2 and the camera channels on axis 1")
+                f"expected shape (B, {self.input_channels}, 3, H, W){also} {self._input_text()}, got "
+                f"{tuple(frames.shape)}", field="frames",
+                fix="stack frames t-1, t, t+1 on axis 2 and the camera channels on axis 1"
+                    + (" (decode_accel.models.variance.with_variance appends the variance maps)"
+                       if self.variance_input else ""))
         self._check_size(frames.shape[-2], frames.shape[-1], "frames")
         return frames
+
+    def _input_text(self) -> str:
+        if not self.variance_input:
+            return "in photons"
+        return (f"({self.in_channels} camera channel(s) in photons, then their read-noise variance in photons², "
+                "model.variance_input)")
 
     # ------------------------------------------------------------------------------ compute
     def _maybe_checkpoint(self, function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -217,20 +235,29 @@ class TwoStageNet(nn.Module):
 
     def _stage1(self, x: torch.Tensor) -> torch.Tensor:
         """Scaled frames (N, C, H, W) -> stage-1 features (N, frame_features, H, W)."""
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         groups = self.stage1_groups
         if len(self.stage1) == 1:
             # one call over all groups: the groups are just more images for the shared U-Net
-            x = x.reshape(n * groups, self.in_channels // groups, h, w)
+            x = x.reshape(n * groups, c // groups, h, w)
             return self.stage1[0](x).reshape(n, self.frame_features, h, w)
         parts = x.chunk(groups, dim=1)
         return torch.cat([unet(part) for unet, part in zip(self.stage1, parts)], dim=1)
 
     def _scale_input(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, input_channels, H, W) -> the scaled stage-1 input; with the variance input the channels are
+        reordered so that each stage-1 group holds its frames' channels followed by their variance maps."""
         weight = self.stage2.output.weight
         if frames.dtype != weight.dtype:
             frames = frames.to(weight.dtype)
-        return (frames - self._scaling.input_offset) / self._scaling.input_scale
+        if not self.variance_input:
+            return (frames - self._scaling.input_offset) / self._scaling.input_scale
+        c = self.in_channels
+        x = (frames[:, :c] - self._scaling.input_offset) / self._scaling.input_scale
+        v = variance_feature(frames[:, c:], self._scaling.variance_reference())
+        n, _, h, w = x.shape
+        g = self.stage1_groups
+        return torch.cat([x.reshape(n, g, c // g, h, w), v.reshape(n, g, c // g, h, w)], dim=2).reshape(n, 2 * c, h, w)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Stage-1 features of single frames, for reuse by the three windows that contain each frame.
@@ -240,9 +267,9 @@ class TwoStageNet(nn.Module):
         Returns:
             (N, frame_features, H, W) features; pass three of them to :meth:`decode_windows`.
         """
-        if frames.ndim != 4 or frames.shape[1] != self.in_channels:
-            raise DecodeAccelError(f"expected shape (N, {self.in_channels}, H, W) in photons, got {tuple(frames.shape)}",
-                                   field="frames")
+        if frames.ndim != 4 or frames.shape[1] != self.input_channels:
+            raise DecodeAccelError(f"expected shape (N, {self.input_channels}, H, W) {self._input_text()}, got "
+                                   f"{tuple(frames.shape)}", field="frames")
         self._check_size(frames.shape[-2], frames.shape[-1], "frames")
         return self._maybe_checkpoint(self._stage1, self._scale_input(frames))
 
@@ -294,6 +321,21 @@ class TwoStageNet(nn.Module):
     def _from_pretrained(cls, *, strict: bool = True, **kwargs):
         # the mixin defaults to strict=False, which would silently keep random weights for missing keys
         return super()._from_pretrained(strict=strict, **kwargs)
+
+
+def variance_feature(variance: torch.Tensor, reference: float) -> torch.Tensor:
+    """What the network sees of a read-noise variance map (photons²): ``log1p(variance / reference)``.
+
+    ``reference`` is :meth:`Scaling.variance_reference`, by default the mean background (photons/px),
+    i.e. the shot-noise variance of a typical background pixel: the ratio says how much a pixel's read
+    noise adds to the noise it would have anyway (0.03 for a typical sCMOS pixel of ~2 photons² on a
+    60-photon background, ~1-4 for a hot pixel). The logarithm because the maps are heavy-tailed: hot
+    pixels have 10-1000x the median variance, and a linear input of several hundred would swamp the
+    first convolution (whose initialisation assumes inputs of order 1, like the scaled frames), while
+    scaling by the largest value would squash every ordinary pixel to zero. log1p keeps 0 at 0 and is
+    monotone, so no two variances look alike.
+    """
+    return torch.log1p(variance.clamp_min(0.0) / reference)
 
 
 def clamp_logits(raw: torch.Tensor) -> torch.Tensor:

@@ -265,6 +265,32 @@ class Camera:
             return ((adu - c.baseline) * (c.e_per_adu / c.em_gain) - c.spurious_charge) / c.qe
         return (adu - self._param("offset", adu, origin)) * self._param("e_per_adu", adu, origin) / c.qe
 
+    @property
+    def has_variance_map(self) -> bool:
+        """Whether the read-noise variance is a per-pixel map (sCMOS), not one number for the chip."""
+        return "variance" in self._maps
+
+    def read_variance_photons(self, shape: tuple[int, ...], origin=None, device=None) -> torch.Tensor:
+        """The per-pixel read-noise variance in photons² of frames of ``shape`` (..., C, H, W), broadcast to it.
+
+        photons² = variance_adu2 · (e_per_adu / qe)²: the read noise seen on the photon scale of
+        :meth:`to_photons` (each map per pixel where it is a map). ``origin`` as in :meth:`forward`:
+        one (row, col) for all frames or an int64 (N, 2) tensor, one per leading frame. What the
+        network's variance input (``model.variance_input``) reads; a camera without a per-pixel
+        variance map is refused (the input would be one constant). ``device``: where the result lives
+        (default: that of a tensor ``origin``, else the CPU).
+        """
+        if not self.has_variance_map:
+            raise DecodeAccelError(f"the network reads the sCMOS read-noise variance map but the camera "
+                                   f"({self.kind}) has no per-pixel variance map", field="model.variance_input",
+                                   fix="give camera.kind scmos with scmos_variance_map (or variance_adu2 in "
+                                       "scmos_maps), or set model.variance_input false")
+        if device is None:
+            device = origin.device if isinstance(origin, torch.Tensor) else "cpu"
+        like = torch.empty(shape, device=device)
+        var = self._map("variance", like, origin) * (self._param("e_per_adu", like, origin) / self.cfg.qe) ** 2
+        return var.expand(shape).contiguous()
+
     def with_roi(self, origin: tuple[int, int]) -> "Camera":
         """The same camera (maps shared, not re-read) whose default frames' place on the maps is ``origin`` (row, col)."""
         import copy

@@ -200,7 +200,8 @@ class Simulator:
                               label_min_photons=self.config.emitters.label_min_photons,
                               px_size=self.config.frame.px_size, roi_origin=roi)
 
-    def sample_windows(self, batch_size: int, generator: torch.Generator, with_adu: bool = False) -> dict[str, torch.Tensor]:
+    def sample_windows(self, batch_size: int, generator: torch.Generator, with_adu: bool = False,
+                       with_variance: bool = False) -> dict[str, torch.Tensor]:
         """``batch_size`` independent 3-frame clips, as a training batch (docs/architecture.md "Batch").
 
         All clips are simulated in one vectorised pass (faster than looping ``sample(3)``); each has
@@ -211,13 +212,16 @@ class Simulator:
             the central frame (photons/px); the central frame's labels (photons >=
             ``label_min_photons``) padded to M = max(1, max count): ``tgt_xyz`` (B, M, 3) x, y in px,
             z in nm; ``tgt_photons`` (B, M); ``tgt_ratio`` (B, M) (0.5 for one channel, as the batch
-            contract says); ``tgt_mask`` (B, M) bool. With ``with_adu`` also ``frames_adu``.
+            contract says); ``tgt_mask`` (B, M) bool. With ``with_adu`` also ``frames_adu``. With
+            ``with_variance`` also ``variance`` (B, C, H, W): each clip's crop of the per-pixel sCMOS
+            read-noise variance map in photons² (:meth:`Camera.read_variance_photons`, the crop its noise
+            was drawn with; no random numbers are used for it, so the clips are the same either way).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         B, C = batch_size, self.n_channels
         H, W = self.config.frame.height, self.config.frame.width
-        adu, photons, bg, em = self._simulate(3 * B, 3, generator)
+        adu, photons, bg, em, origins = self._simulate_roi(3 * B, 3, generator)
         device = generator.device
         central = (em.frame % 3 == 1) & (em.photons >= self.config.emitters.label_min_photons)
         em = em.select(central)
@@ -243,4 +247,7 @@ class Simulator:
         }
         if with_adu:
             out["frames_adu"] = adu.view(B, 3, C, H, W).transpose(1, 2).contiguous()
+        if with_variance:
+            out["variance"] = self.camera.read_variance_photons(
+                (B, C, H, W), None if origins is None else origins[::3], device=device)
         return out

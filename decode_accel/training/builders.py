@@ -23,6 +23,7 @@ from decode_accel.export import dye_table, load_exported
 from decode_accel.inference.postprocess import PostProcessor
 from decode_accel.loss import build_loss
 from decode_accel.models import build_model
+from decode_accel.simulation.camera import Camera
 from decode_accel.training.config import TrainingConfig
 from decode_accel.training.hooks import CurriculumHook, DistillationHook, DivergenceGuard, LossSchedulerHook
 from decode_accel.training.monitor import TrainingMonitor
@@ -89,8 +90,14 @@ def build_loaders(config, *, rank: int = 0, world_size: int = 1):
     validation set is complete on every process (``BaseTrainer.validate`` splits it).
     """
     data = config.data
+    cam = config.simulation.camera
+    if config.model.variance_input and not Camera(cam).has_variance_map:  # the config names a map file: read it
+        raise DecodeAccelError("model.variance_input needs a per-pixel read-noise variance map, but the sCMOS maps "
+                               "hold none", path=cam.scmos_maps, field="simulation.camera.scmos_maps",
+                               fix="add variance_adu2 (ADU²) to the .npz, give scmos_variance_map, or set "
+                                   "model.variance_input: false")
     common = {"batch_size": data.batch_size, "num_workers": data.num_workers, "seed": config.training_strategy.seed,
-              "label_photon_min": data.label_photon_min}
+              "label_photon_min": data.label_photon_min, "with_variance": config.model.variance_input}
     sim_device = data.resolved_sim_device() if hasattr(data, "resolved_sim_device") else "cpu"
     if sim_device != "cpu":
         common["sim_device"] = sim_device  # simulate on the accelerator (issue 15.3: CPU simulation starves a GPU)

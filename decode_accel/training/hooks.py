@@ -51,6 +51,7 @@ import torch
 from decode_accel.errors import DecodeAccelError
 from decode_accel.loss.distillation import DistillationLoss
 from decode_accel.training.config.sections import seed_stage_names
+from decode_accel.models.variance import network_input
 from decode_accel.training.monitor import robust_location_scale
 
 logger = logging.getLogger("decode_accel.training")
@@ -264,7 +265,7 @@ class DistillationHook(Hook):
 
     def on_loss(self, trainer, losses, outputs, batch):
         with torch.no_grad(), trainer.accelerator.autocast():
-            teacher_out = self.teacher(batch["frames"])
+            teacher_out = self.teacher(network_input(batch, self.teacher))
         teacher_out = {k: v.float() for k, v in teacher_out.items()}
         return self.loss.distill(outputs, teacher_out, gt_terms=losses)
 

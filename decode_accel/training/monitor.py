@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.models.variance import network_input
 from decode_accel.io._atomic import writable_folder
 
 logger = logging.getLogger(__name__)
@@ -492,7 +493,7 @@ class TrainingMonitor:
         model.eval()
         try:
             with torch.no_grad():
-                output = model(frames)
+                output = model(network_input(batch, model)[index: index + 1].to(device))
         finally:
             model.train(was_training)
         output = {k: v.detach().float().cpu() for k, v in output.items() if isinstance(v, torch.Tensor)}

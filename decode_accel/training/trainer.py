@@ -53,6 +53,7 @@ from decode_accel.data.stream import DifficultySchedule
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import evaluate
 from decode_accel.export import default_export_dir, export_model
+from decode_accel.models.variance import network_input
 from decode_accel.training.builders import as_two_channel, trainer_parts
 from decode_accel.training.checkpoint import CheckpointManager, restore_checkpoint
 from decode_accel.training.config import TrainingConfig
@@ -347,9 +348,10 @@ class BaseTrainer:
         return self.accelerator.autocast() if enabled else contextlib.nullcontext()
 
     def compute_loss(self, batch: dict) -> dict:
-        """Forward ``batch['frames']`` and return the loss terms (``'loss'`` = total), after the on_loss hooks."""
+        """Forward ``batch['frames']`` (with ``batch['variance']`` for a model with the sCMOS variance input) and
+        return the loss terms (``'loss'`` = total), after the on_loss hooks."""
         with self._timed("forward"):
-            outputs = self.model(batch["frames"])
+            outputs = self.model(network_input(batch, self.model))
             losses = self.loss_fn(outputs, batch)
         return self._chain("on_loss", losses, outputs, batch)
 
@@ -533,7 +535,7 @@ class BaseTrainer:
             size = int(batch["frames"].shape[0])
             if i % world == rank:
                 batch = self.to_device(batch)
-                outputs = {k: v.float() for k, v in model(batch["frames"]).items()}
+                outputs = {k: v.float() for k, v in model(network_input(batch, model)).items()}
                 sums = _add_terms(sums, self.loss_fn(outputs, batch), weight=size)
                 n_samples += size
                 if self.postprocessor is not None:

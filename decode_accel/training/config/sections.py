@@ -491,6 +491,14 @@ class TrainingConfig(StrictModel):
             problems.append("loss.type GaussianMM is single-channel but the model reads 2 channels; use Unified or "
                             "RatioGaussianNLL")
         problems += self._frame_size_problems()
+        cam = self.simulation.camera
+        if self.model.variance_input and (cam.kind != "scmos" or not (cam.scmos_variance_map or cam.scmos_maps)):
+            problems.append(f"model.variance_input needs an sCMOS camera with a per-pixel variance map, but "
+                            f"simulation.camera is kind {cam.kind} without one; give simulation.camera.kind: scmos "
+                            "with scmos_variance_map (or scmos_maps), or set model.variance_input: false")
+        if self.model.variance_input and (self.data.data_path or self.data.val_data_path):
+            problems.append("model.variance_input needs on-the-fly simulation (a data file does not say where on the "
+                            "chip its frames lie); set data.data_path: null or model.variance_input: false")
         # regularization / training_strategy settings that the network implements
         reg = self.regularization
         if reg.dropout is not None:
