@@ -10,6 +10,7 @@ from decode_accel.errors import DecodeAccelError
 from decode_accel.io import read_table, write_table
 from decode_accel.napari import movie_transform, points_layer_data, probability_layer_data, render_layer_data
 from decode_accel.napari._reader import get_reader, read_localizations
+from decode_accel.napari.layers import COLOR_BY, DYE_COLORS, UNASSIGNED_COLOR, resolve_color_by
 
 
 def table(n=5, two_colour=False):
@@ -78,3 +79,25 @@ def test_colour_by_dye_and_the_nm_placement_of_images():
     assert p.shape == (6, 8) and pk["metadata"]["frame"] == 3
     empty, ek, _ = points_layer_data(table().iloc[:0], px_size_nm=100.0)
     assert empty.shape == (0, 3) and isinstance(ek["face_color"], str)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".hdf5"])
+def test_a_two_colour_file_opens_coloured_by_dye(tmp_path, suffix):
+    path = tmp_path / f"two{suffix}"
+    write_table(table(two_colour=True), path, px_size_nm=100.0, width=32, height=24, n_frames=3)
+    [(_, kwargs, _)] = read_localizations(str(path))  # colour by 'auto': the file has a dye column
+    assert kwargs["metadata"]["color_by"] == "dye"
+    assert list(kwargs["features"]["dye"]) == ["dye0", "dye1", "unassigned", "dye1", "dye0"]
+    legend = kwargs["metadata"]["dye_colors"]
+    assert [legend[d] for d in ("dye0", "dye1", "unassigned")] == [DYE_COLORS[0], DYE_COLORS[1], UNASSIGNED_COLOR]
+    assert kwargs["face_color"] == [legend[d] for d in kwargs["features"]["dye"]]
+    [(_, by_prob, _)] = read_localizations(str(path), color_by="probability")
+    assert by_prob["face_color"] == "prob" and by_prob["metadata"]["color_by"] == "probability"
+
+
+def test_colour_by_auto_dye_and_probability():
+    two, one = table(two_colour=True), table()
+    assert [resolve_color_by(c, two) for c in COLOR_BY] == ["dye", "probability", "dye"]
+    assert [resolve_color_by(c, one) for c in COLOR_BY] == ["probability", "probability", "probability"]
+    with pytest.raises(ValueError, match="color_by"):
+        resolve_color_by("photons", one)

@@ -65,8 +65,10 @@ def _picasso_pixel_size(path: Path) -> float | None:
     return None
 
 
-def read_localizations(path, color_by: str = "probability") -> list[tuple]:
+def read_localizations(path, color_by: str = "auto") -> list[tuple]:
     """Read one file into ``[(points, kwargs, "points")]`` (frame, y, x in nm; see :mod:`.layers`).
+
+    ``color_by`` ``'auto'``: by dye for a two-channel table (it has a ``color`` column), else by probability.
 
     Raises :class:`decode_accel.errors.DecodeAccelError` (one line naming file and field) on bad content.
     """
@@ -75,7 +77,5 @@ def read_localizations(path, color_by: str = "probability") -> list[tuple]:
     path = Path(os.fspath(path))
     table = read_table(path)
     px = _picasso_pixel_size(path) if path.suffix.lower() in HDF5_SUFFIXES else None
-    if color_by == "dye" and "color" not in table.columns:
-        color_by = "probability"
     return [points_layer_data(table, px_size_nm=px, color_by=color_by, name=path.stem,
                               metadata=dict(source=str(path)))]

@@ -4,7 +4,8 @@ The worker (``napari.qt.threading``) runs :func:`decode_accel.napari.run.predict
 library's ``predict`` chunk by chunk: the progress bar moves after each chunk and Cancel stops the run
 between two chunks. When it is done the widget adds
 
-* ``<movie> localizations``: points (frame, y, x) in nm, coloured by detection probability or by dye;
+* ``<movie> localizations``: points (frame, y, x) in nm, coloured by detection probability or by dye
+  (``auto``: by dye for a two-channel model, whose second channel is the ``channel 2`` layer);
 * ``<movie> render``: the super-resolution image (:func:`decode_accel.inference.render.render`) at its
   own pixel size;
 * optionally ``<movie> p``: the network's detection probabilities of the frame under the slider
@@ -27,7 +28,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 from decode_accel.errors import DecodeAccelError
 from decode_accel.inference.predict import DEFAULT_TILE_SIZE
 from decode_accel.inference.render import render
-from decode_accel.napari.layers import (movie_transform, points_layer_data, probability_layer_data,
+from decode_accel.napari.layers import (COLOR_BY, movie_transform, points_layer_data, probability_layer_data,
                                         render_layer_data)
 from decode_accel.napari.run import predict_chunks, probability_map
 
@@ -75,7 +76,8 @@ class PredictWidget(Container):
                             tooltip="tile edge (px); larger frames are tiled exactly; 0: never tile")
         self.camera = FileEdit(mode="r", label="camera", value="", filter="*.yaml *.yml",
                                tooltip="camera YAML overriding the model's camera (ADU -> photons); empty: the model's")
-        self.color_by = ComboBox(choices=["probability", "dye"], value="probability", label="colour by")
+        self.color_by = ComboBox(choices=list(COLOR_BY), value="auto", label="colour by",
+                                 tooltip="auto: by dye for a two-channel model with a dye table, else by probability")
         self.render_px = FloatSpinBox(value=10.0, min=0.5, max=1000.0, step=1.0, label="render px (nm)")
         self.show_p = CheckBox(value=False, text="probability map of the current frame")
         self.run_button = PushButton(text="Predict")
@@ -103,9 +105,12 @@ class PredictWidget(Container):
 
     # ------------------------------------------------------------------ settings
     def _model_value(self):
-        value = self.model.value
-        text = "" if value is None else os.fspath(value)
-        return "" if text in ("", ".") else text
+        """The model field's text as typed: an export folder or a Hub id (``user/name``).
+
+        The line edit's own text, not ``FileEdit.value``: setting that value makes a path absolute, which
+        would turn a Hub id into a folder under the current directory."""
+        text = str(self.model.line_edit.value or "").strip()
+        return "" if text in ("", ".") else os.path.expanduser(text)
 
     def settings(self) -> dict:
         """The run's keyword arguments for predict_chunks (threshold None: the model's own)."""
@@ -172,9 +177,9 @@ class PredictWidget(Container):
         px = float(table.attrs.get("px_size_nm") or self.exported.px_size_nm)
         layer = self._layer
         self._place_movie(layer, px)
+        if self.image2.value is not None:
+            self._place_movie(self.image2.value, px)
         color_by = self.color_by.value
-        if color_by == "dye" and "color" not in table.columns:
-            color_by = "probability"
         for old in (f"{layer.name} localizations", f"{layer.name} render"):
             if old in self.viewer.layers:
                 self.viewer.layers.remove(old)
@@ -186,7 +191,8 @@ class PredictWidget(Container):
                                     metadata=dict(threshold=self._settings.get("threshold")
                                                   if self._settings.get("threshold") is not None
                                                   else getattr(self.exported, "threshold", None))))
-        self.viewer.scale_bar.visible = True
+        overlays = getattr(getattr(self.viewer, "canvas", None), "overlays", None)  # napari >= 0.9
+        (getattr(overlays, "scale_bar", None) or self.viewer.scale_bar).visible = True
         self.status.value = f"{len(table)} localizations"
         if self.show_p.value:
             self.update_probability_map()

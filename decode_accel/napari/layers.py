@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["movie_transform", "points_layer_data", "render_layer_data", "probability_layer_data",
-           "POINT_FEATURES", "DYE_COLORS"]
+           "resolve_color_by", "dye_colors", "POINT_FEATURES", "DYE_COLORS", "COLOR_BY"]
 
 #: table columns carried as point features (shown in napari's status bar under the cursor), when present
 POINT_FEATURES = ("prob", "photons", "x_sigma", "y_sigma", "z", "z_sigma", "bg", "photons_sigma", "ratio",
@@ -23,6 +23,8 @@ POINT_FEATURES = ("prob", "photons", "x_sigma", "y_sigma", "z", "z_sigma", "bg",
 #: face colours of dyes 0, 1, 2, ... (colour by dye); unassigned rows (color = -1) are grey
 DYE_COLORS = ("#00d0ff", "#ff3080", "#ffd000", "#60ff60", "#b070ff")
 UNASSIGNED_COLOR = "#808080"
+#: how points can be coloured (see :func:`resolve_color_by`)
+COLOR_BY = ("auto", "probability", "dye")
 
 
 def movie_transform(px_size_nm: float, ndim: int = 3) -> dict:
@@ -54,6 +56,39 @@ def dye_names(table: pd.DataFrame, dye_table=None) -> np.ndarray:
     return np.asarray(out, dtype=object)
 
 
+def resolve_color_by(color_by: str, table: pd.DataFrame) -> str:
+    """``'auto'``: by dye when the table has a dye column (a two-channel model with a dye table), else by
+    probability; ``'dye'`` without a dye column falls back to probability too."""
+    if color_by not in COLOR_BY:
+        raise ValueError(f"color_by must be one of {', '.join(COLOR_BY)}, got {color_by!r}")
+    has_dye = "color" in table.columns
+    if color_by == "auto":
+        return "dye" if has_dye else "probability"
+    return "probability" if color_by == "dye" and not has_dye else color_by
+
+
+def _dye_index(table: pd.DataFrame) -> np.ndarray:
+    color = table["color"].to_numpy(np.float64) if "color" in table.columns else np.full(len(table), -1.0)
+    return np.where(np.isfinite(color), color, -1).astype(np.int64)
+
+
+def dye_colors(table: pd.DataFrame, dye_table=None) -> tuple[list[str], dict[str, str]]:
+    """Colour by dye: each row's face colour and the legend (dye name -> colour).
+
+    Dye k is ``DYE_COLORS[k]`` (k: the dye table's order, the table's ``color``), whichever dyes a file
+    happens to contain; unassigned rows (color -1) are grey."""
+    def color_of(k: int) -> str:
+        return UNASSIGNED_COLOR if k < 0 else DYE_COLORS[k % len(DYE_COLORS)]
+
+    index = _dye_index(table)
+    known = np.arange(len(dye_table or []))
+    legend = {}
+    for k in np.concatenate([known, np.unique(index)]):
+        name = dye_names(pd.DataFrame({"color": [int(k)]}), dye_table)[0]
+        legend.setdefault(name, color_of(int(k)))
+    return [color_of(int(k)) for k in index], legend
+
+
 def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, color_by: str = "probability",
                       dye_table=None, name: str = "localizations", size_nm: float | None = None,
                       metadata: dict | None = None) -> tuple:
@@ -62,7 +97,8 @@ def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, c
     Args:
         table: localization table (decode_accel.table); ``attrs`` may carry px_size_nm.
         px_size_nm: camera pixel size (nm): sets the default point size (1.5 px) and goes into metadata.
-        color_by: ``'probability'`` (viridis over prob 0-1) or ``'dye'`` (one colour per assigned dye).
+        color_by: ``'probability'`` (viridis over prob 0-1), ``'dye'`` (one colour per assigned dye, grey for
+            unassigned rows; :func:`dye_colors`) or ``'auto'`` (dye when the table has a ``color`` column).
         dye_table: dye rows ``{name, ...}`` for the names of colour-by-dye.
         size_nm: ring diameter (nm); default 1.5 camera pixels (150 nm without a pixel size), so the spot
             stays visible inside it.
@@ -71,8 +107,7 @@ def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, c
         ``(data, kwargs, "points")``; the features hold prob, photons, x_sigma, y_sigma, uncertainty
         (lateral, nm), z and whatever else of :data:`POINT_FEATURES` the table has, plus ``dye``.
     """
-    if color_by not in ("probability", "dye"):
-        raise ValueError(f"color_by must be 'probability' or 'dye', got {color_by!r}")
+    color_by = resolve_color_by(color_by, table)
     px = px_size_nm if px_size_nm is not None else (table.attrs or {}).get("px_size_nm")
     n = len(table)
     if n:
@@ -92,14 +127,9 @@ def points_layer_data(table: pd.DataFrame, *, px_size_nm: float | None = None, c
     if n and color_by == "probability" and "prob" in features.columns:
         kwargs.update(face_color="prob", face_colormap="viridis", face_contrast_limits=(0.0, 1.0))
     elif n and color_by == "dye":
-        cycle = {}
-        for k, d in enumerate(dye_table or []):
-            label = dye_names(pd.DataFrame({"color": [k]}), dye_table)[0]
-            cycle[label] = DYE_COLORS[k % len(DYE_COLORS)]
-        for label in sorted(set(features["dye"])):
-            if label not in cycle:
-                cycle[label] = UNASSIGNED_COLOR if label == "unassigned" else DYE_COLORS[len(cycle) % len(DYE_COLORS)]
-        kwargs.update(face_color=[cycle[d] for d in features["dye"]])
+        face, legend = dye_colors(table, dye_table)
+        kwargs.update(face_color=face)
+        kwargs["metadata"]["dye_colors"] = legend  # dye name -> face colour
     else:
         kwargs.update(face_color="#ffd000")
     return data, kwargs, "points"
