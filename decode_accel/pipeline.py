@@ -21,7 +21,7 @@ import torch
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
-from decode_accel.evaluation.diagnostics import (bias_by_true_value, detection_reliability, gridding_report,
+from decode_accel.evaluation.diagnostics import (WITHIN_ONE_SIGMA, bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.evaluation.matching import match_localizations
 from decode_accel.export import export_model, load_exported
@@ -274,7 +274,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
         "density", "candidates": [{threshold, jaccard, precision, recall, all_...}, ...],
         "probability_calibration": {"raw": [...], "calibrated": [...]},
         "subpixel_equalisation": {"x": [...], "y": [...]} or None, "z_calibration": {"predicted": [...],
-        "true": [...]} or None (3D)}; thresholds are of the calibrated p.
+        "true": [...]} or None (3D), "ratio_sigma_scale": float or None (two channels)}; thresholds are of
+        the calibrated p.
     """
     import tempfile
 
@@ -309,14 +310,13 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     # and counting it as missed pulls the threshold down into the noise. Ties (e.g. an untrained model
     # with JI 0 everywhere) go to the candidate nearest 0.5.
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
-    equalisation = z_calibration = None
+    corrections = {"subpixel_equalisation": None, "z_calibration": None, "ratio_sigma_scale": None}
     if subpixel and calibration is not None and best["jaccard"] >= EQUALISATION_MIN_JACCARD:
-        equalisation, z_calibration = fit_position_corrections(exported, best["threshold"], calibration, seed + 1)
+        corrections = fit_position_corrections(exported, best["threshold"], calibration, seed + 1)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
                  probability_calibration=calibration.to_dict() if calibration is not None else None,
-                 subpixel_equalisation=equalisation.to_dict() if equalisation is not None else None,
-                 z_calibration=z_calibration.to_dict() if z_calibration is not None else None,
+                 **corrections,
                  chosen_on=f"a tuning movie of the {where} physics at {density:g} emitters/µm² ({n_frames} frames "
                            f"of {height}x{width} px, seed {seed}), best Jaccard index of the emitter-frames with "
                            f">= 25 % of the mean photons")
@@ -346,9 +346,11 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
 
 
 def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
-                             size: int = 128) -> tuple[SubpixelEqualisation | None, ZResponseCalibration | None]:
-    """The :class:`SubpixelEqualisation` (with the network's constant x, y offset) and, for 3D, the
-    :class:`ZResponseCalibration` of a model's reported positions on one movie of its training physics (``size`` x ``size`` px frames, about
+                             size: int = 128) -> dict:
+    """{"subpixel_equalisation", "z_calibration", "ratio_sigma_scale"} in their stored (dict) forms: the
+    :class:`SubpixelEqualisation` (with the network's constant x, y offset), for 3D the
+    :class:`ZResponseCalibration`, and for two channels the factor that makes 68.3 % of the ratio errors fall
+    within the ratio sigma, of a model's reported positions on one movie of its training physics (``size`` x ``size`` px frames, about
     :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000 frames), predicted at ``threshold`` of
     the calibrated p. Either is None, with a warning, when the movie gives too few positions or positions
     that cannot be remapped (an untrained model)."""
@@ -366,7 +368,7 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
         table = predict(exported, movie.tiff, progress=False, camera=camera, postprocessor=post)
     if len(table) < SubpixelEqualisation.MIN_POSITIONS:
         logger.warning("position corrections skipped: %d positions on the equalisation movie", len(table))
-        return None, None
+        return {"subpixel_equalisation": None, "z_calibration": None, "ratio_sigma_scale": None}
     px = float(exported.px_size_nm)
     equalisation = z_calibration = None
     lo, hi = sim.emitters.z_range
@@ -386,7 +388,18 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
                                                      (lo, hi))
         except DecodeAccelError as err:
             logger.warning("z calibration skipped: %s", err)
-    return equalisation, z_calibration
+    ratio_scale = None
+    if "ratio_sigma" in table.columns and "ratio" in movie.truth.columns and len(gi):
+        # the network's ratio sigma can be far too wide (96 % of the errors within it for two dyes of
+        # distinct ratio: its estimate snaps to the dyes, its sigma does not); scale it to the 68.3 % coverage
+        z_scores = np.abs(table["ratio"].to_numpy()[pi] - movie.truth["ratio"].to_numpy()[gi]) \
+            / table["ratio_sigma"].to_numpy()[pi]
+        z_scores = z_scores[np.isfinite(z_scores)]
+        if len(z_scores) >= SubpixelEqualisation.MIN_POSITIONS and np.quantile(z_scores, WITHIN_ONE_SIGMA) > 0:
+            ratio_scale = float(np.quantile(z_scores, WITHIN_ONE_SIGMA))
+    return {"subpixel_equalisation": equalisation.to_dict() if equalisation is not None else None,
+            "z_calibration": z_calibration.to_dict() if z_calibration is not None else None,
+            "ratio_sigma_scale": ratio_scale}
 
 
 def _data_wait_share(perf: dict) -> float:

@@ -131,3 +131,31 @@ def test_an_offset_is_subtracted_after_the_remap_and_an_impossible_one_is_refuse
     assert SubpixelEqualisation.from_any(eq.with_offset((0.01, -0.02)).to_dict()).offset.tolist() == [0.01, -0.02]
     with pytest.raises(DecodeAccelError, match="offset"):
         eq.with_offset((0.7, 0.0))
+
+
+def test_the_post_processor_scales_the_ratio_sigma_and_refuses_an_impossible_factor():
+    p = torch.zeros(1, 8, 8)
+    p[0, 3, 3] = 0.9
+    maps = {"p": p, "dx": torch.zeros_like(p), "dy": torch.zeros_like(p), "ratio": torch.full_like(p, 0.25),
+            "ratio_sigma": torch.full_like(p, 0.04)}
+    assert PostProcessor(threshold=0.5, ratio_sigma_scale=0.5)(maps)["ratio_sigma"].iloc[0] == pytest.approx(0.02)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(DecodeAccelError, match="ratio_sigma_scale"):
+            PostProcessor(ratio_sigma_scale=bad)
+
+
+def test_the_operating_point_scales_a_too_wide_ratio_sigma_to_68_percent_coverage(tmp_path, monkeypatch):
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=sim_config())
+    rng = np.random.default_rng(4)
+
+    def wide_sigma_predict(model, tiff, threshold=None, postprocessor=None, **kwargs):
+        """Every emitter found where it is, its ratio off by N(0, 0.01) but reported with a sigma of 0.04."""
+        truth = read_table(str(tiff).replace(".tif", "_truth.csv"))
+        return truth[["frame", "x", "y"]].assign(prob=0.9, ratio=truth["ratio"] + rng.normal(0, 0.01, len(truth)),
+                                                 ratio_sigma=0.04)
+
+    monkeypatch.setattr(pipeline, "predict", wide_sigma_predict)
+    monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 8000)
+    point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
+    assert point["ratio_sigma_scale"] == pytest.approx(0.25, rel=0.05)      # 0.01 / 0.04
+    assert load_exported(export).operating_point["ratio_sigma_scale"] == point["ratio_sigma_scale"]

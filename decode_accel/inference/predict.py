@@ -62,7 +62,7 @@ class _Resolved:
     """The pieces predict needs, whichever form the model came in."""
 
     def __init__(self, net, px_size_nm, camera, n_channels, dye_table, name, threshold=None, calibration=None,
-                 subpixel_equalisation=None, z_calibration=None):
+                 subpixel_equalisation=None, z_calibration=None, ratio_sigma_scale=None):
         self.net, self.px_size_nm, self.camera = net, px_size_nm, camera
         self.n_channels, self.dye_table, self.name = n_channels, dye_table, name
         #: the export's operating threshold (None: the post-processor's default)
@@ -73,6 +73,8 @@ class _Resolved:
         self.subpixel_equalisation = subpixel_equalisation
         #: the export's z calibration (dict form; None: z as the network reports it)
         self.z_calibration = z_calibration
+        #: the export's factor on the ratio sigma (None: the network's)
+        self.ratio_sigma_scale = ratio_sigma_scale
 
 
 def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = None,
@@ -111,8 +113,9 @@ def resolve_model(model: Any, *, px_size_nm: float | None = None, camera: Any = 
     calibration = point.get("probability_calibration") if point else None
     subpixel = point.get("subpixel_equalisation") if point else None
     z_calibration = point.get("z_calibration") if point else None
+    ratio_sigma_scale = point.get("ratio_sigma_scale") if point else None
     return _Resolved(net, float(px), cam, int(n_channels or 1), dye_table, name, threshold, calibration, subpixel,
-                     z_calibration)
+                     z_calibration, ratio_sigma_scale)
 
 
 def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
@@ -174,7 +177,8 @@ def _make_postprocessor(resolved: _Resolved, threshold: float | None, postproces
     if postprocessor is not None:
         return postprocessor
     kwargs = dict(px_size_nm=resolved.px_size_nm, dye_table=resolved.dye_table, calibration=resolved.calibration,
-                  subpixel_equalisation=resolved.subpixel_equalisation, z_calibration=resolved.z_calibration)
+                  subpixel_equalisation=resolved.subpixel_equalisation, z_calibration=resolved.z_calibration,
+                  ratio_sigma_scale=resolved.ratio_sigma_scale)
     if threshold is None:
         threshold = resolved.threshold  # the operating point the model was validated at
     if threshold is not None:
@@ -518,7 +522,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         settings = dict(movie=_movie_signature(movie), frames=[sel.start, sel.stop], chunk_frames=chunk_frames,
                         model=_model_fingerprint(net), threshold=getattr(post, "threshold", threshold),
                         calibration=resolved.calibration, subpixel_equalisation=resolved.subpixel_equalisation,
-                        z_calibration=resolved.z_calibration,
+                        z_calibration=resolved.z_calibration, ratio_sigma_scale=resolved.ratio_sigma_scale,
                         px_size_nm=resolved.px_size_nm,
                         camera=_camera_signature(resolved.camera, movie))
         record = parts_dir / "progress.json"
