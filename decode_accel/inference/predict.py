@@ -435,7 +435,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
             cache_features: bool = True, progress: bool = True, device=None, accelerator=None,
             px_size_nm: float | None = None, check_px_size: bool = True, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
             mixed_precision: str | None = None, postprocessor=None, channels_last: bool | None = None,
-            camera_roi: tuple[int, int] | None = None) -> pd.DataFrame:
+            camera_roi: tuple[int, int] | None = None, backend: str = "torch") -> pd.DataFrame:
     """Localize every emitter in a movie and return (and optionally write) the table.
 
     Args:
@@ -465,6 +465,9 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
             camera's ``roi_origin``, else the file's Micro-Manager ROI (see ``Camera.for_movie``).
         channels_last: run the network in channels-last memory format (default: on CPU, where oneDNN's
             convolutions with few channels are about 25 % cheaper that way; the model is restored after).
+        backend: 'torch' (PyTorch, any device) or 'onnx': the network exported to ONNX and run by ONNX Runtime
+            on the CPU (:mod:`decode_accel.inference.onnx_backend`; needs ``onnxruntime``), the same maps
+            within float32 rounding.
 
     Returns:
         The localization table (docs/architecture.md): frame (0-based), x, y, z (nm), photons, ...,
@@ -498,13 +501,23 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         raise DecodeAccelError(f"unknown precision {mixed_precision!r}", field="mixed_precision",
                                fix="use 'no', 'bf16' or 'fp16'")
     was_training = net.training
+    if backend not in ("torch", "onnx"):
+        raise DecodeAccelError(f"unknown backend {backend!r}", field="backend", fix="use 'torch' or 'onnx'")
+    if backend == "onnx" and device.type != "cpu":
+        raise DecodeAccelError(f"the ONNX backend runs on the CPU, not {device}", field="backend",
+                               fix="pass device='cpu' (--device cpu) or use backend='torch'")
     net.eval().to(device)
     if channels_last is None:
-        channels_last = device.type == "cpu" and cache_features
+        channels_last = device.type == "cpu" and cache_features and backend == "torch"
     if channels_last:
         net.to(memory_format=torch.channels_last)
     post = _make_postprocessor(resolved, threshold, postprocessor)
-    stream = _FrameStream(net, movie, resolved.camera, device=device, tile_size=tile_size,
+    if backend == "onnx":
+        from decode_accel.inference.onnx_backend import OnnxNet
+        runner, channels_last = OnnxNet(net), False
+    else:
+        runner = net
+    stream = _FrameStream(runner, movie, resolved.camera, device=device, tile_size=tile_size,
                           cache_features=cache_features, autocast_dtype=autocast_dtype, channels_last=channels_last)
     batch = int(batch_size) if batch_size else _auto_batch_size(stream.plan, device)
     if batch < 1:
@@ -647,6 +660,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a stopped run (keeps <out>.parts/)")
     p.add_argument("--no-cache", action="store_true", help="recompute stage-1 features for every window")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="network runtime: torch, or onnx (ONNX Runtime on the CPU; pip install onnxruntime)")
     p.add_argument("--ignore-px-size", action="store_true",
                    help="do not compare the movie's pixel-size metadata with the model's")
     p.add_argument("--render", default=None, help="also render a super-resolution image (.png or .tif)")
@@ -664,7 +679,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         df = predict(args.model, args.input if len(args.input) > 1 else args.input[0], out=args.out, camera_roi=roi,
                      camera=args.camera, batch_size=args.batch_size, frames=args.frames, tile_size=args.tile_size,
                      threshold=args.threshold, resume=args.resume, cache_features=not args.no_cache,
-                     progress=not args.no_progress, device=args.device, check_px_size=not args.ignore_px_size)
+                     progress=not args.no_progress, device=args.device, check_px_size=not args.ignore_px_size,
+                     backend=args.backend)
         if args.render:
             render(df, px_size_nm=args.render_px, out=args.render)
     except DecodeAccelError as exc:

@@ -26,8 +26,9 @@ class ModelConfig(StrictModel):
 
     architecture: Literal["SigmaMUNet", "DoubleMUNet"] = Field(
         "SigmaMUNet", description="SigmaMUNet (single channel) or DoubleMUNet (two-channel ratiometric) (-)")
-    preset: Literal["decode", "cpu_small", "tiny"] | None = Field(
-        None, description="named size: decode (48 features, ~2.2 M parameters), cpu_small (16), tiny (8, tests) (-)")
+    preset: Literal["decode", "cpu_small", "fast", "tiny"] | None = Field(
+        None, description="named size: decode (48 features, ~2.2 M parameters), cpu_small (16), fast (8, for CPU "
+                          "inference), tiny (8, tests) (-)")
     features: int | None = Field(None, ge=1, le=512,
                                  description="width of the first U-Net level; deeper levels double it (channels)")
     depth: int | None = Field(None, ge=1, le=6,

@@ -37,6 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "decode": dict(features=48, depth=2, activation="elu", norm=None),
     # fits CPU training: ~1/9 of the compute of 'decode'.
     "cpu_small": dict(features=16, depth=2, activation="elu", norm=None),
+    # CPU inference (issue 15.1): 8 features, ~62 k parameters, about a third of cpu_small's CPU time per
+    # frame; meant to be trained (or distilled from a larger model) for movies where speed matters.
+    "fast": dict(features=8, depth=2, activation="elu", norm=None),
     # for tests and smoke runs only.
     "tiny": dict(features=8, depth=2, activation="elu", norm=None),
 }
@@ -170,7 +173,7 @@ class TwoStageNet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any):
-        """A network with the preset's width and depth ('decode', 'cpu_small', 'tiny'); ``overrides``
+        """A network with the preset's width and depth ('decode', 'cpu_small', 'fast', 'tiny'); ``overrides``
         are further constructor arguments (e.g. ``scaling=...``, ``dropout=0.1``)."""
         if name not in PRESETS:
             raise DecodeAccelError(f"unknown preset {name!r}", field="preset", fix=f"use one of {sorted(PRESETS)}")
