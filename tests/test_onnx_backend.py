@@ -29,8 +29,9 @@ def test_fast_preset_is_the_small_cpu_network():
 
 
 @pytest.fixture
-def ort():
+def ort(tmp_path, monkeypatch):
     pytest.importorskip("onnx")
+    monkeypatch.setenv("DECODE_ACCEL_CACHE", str(tmp_path / "cache"))  # predict's exports go here, not to ~/.cache
     return pytest.importorskip("onnxruntime")
 
 
@@ -93,3 +94,22 @@ def test_unknown_backend_is_a_one_line_error():
     net, frames = net_and_frames(n=3)
     with pytest.raises(DecodeAccelError, match="backend"):
         predict(net, frames, camera=identity_camera(), px_size_nm=PX, progress=False, backend="tensorrt")
+
+
+def test_exported_graphs_are_cached_by_weights(ort, tmp_path):
+    from decode_accel.inference.onnx_backend import OnnxNet
+
+    net, frames = net_and_frames(n=4)
+    x = torch.from_numpy(frames[:, None])
+    first = OnnxNet(net, threads=1, cache_dir=tmp_path / "c")
+    again = OnnxNet(net, threads=1, cache_dir=tmp_path / "c")
+    assert not first.from_cache and again.from_cache
+    assert_maps_close({"f": again.encode_frames(x)}, {"f": first.encode_frames(x)})
+    with torch.no_grad():
+        net.heads["p"][-1].bias.add_(1.0)  # other weights: another graph, not the cached one
+        expected = net.encode_frames(x)
+        feats = net.decode_windows(expected[:-2], expected[1:-1], expected[2:])
+    changed = OnnxNet(net, threads=1, cache_dir=tmp_path / "c")
+    assert not changed.from_cache
+    got = changed.encode_frames(x)
+    assert_maps_close(changed.decode_windows(got[:-2], got[1:-1], got[2:]), feats)

@@ -1,9 +1,9 @@
 """ONNX Runtime backend of :func:`decode_accel.inference.predict` (``backend="onnx"``, ``--backend onnx``).
 
 The network's two halves, :meth:`encode_frames` (stage 1, one frame at a time) and :meth:`decode_windows`
-(stage 2 + heads + output activations), are exported to ONNX once per predict call (in memory, the
-TorchScript-based exporter of ``torch.onnx``, batch, height and width dynamic) and run by ONNX Runtime's
-CPU provider. :class:`OnnxNet` has the methods and attributes predict's frame stream uses, so the feature
+(stage 2 + heads + output activations), are exported to ONNX (the TorchScript-based exporter of
+``torch.onnx``, batch, height and width dynamic; kept in a cache folder keyed by the weights, so a model
+is exported once) and run by ONNX Runtime's CPU provider. :class:`OnnxNet` has the methods and attributes predict's frame stream uses, so the feature
 cache, tiling and post-processing are the same code as with the PyTorch backend; only the network runs
 elsewhere. The maps agree with PyTorch's within float32 rounding (tests/test_onnx_backend.py).
 
@@ -15,8 +15,12 @@ its activation and runs the small convolutions of these U-Nets with less overhea
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,27 @@ import torch
 
 from decode_accel.errors import DecodeAccelError
 
-__all__ = ["OnnxNet", "onnxruntime_available"]
+__all__ = ["OnnxNet", "onnxruntime_available", "default_cache_dir"]
+
+#: bump when the exported graphs change for the same weights (invalidates cached files)
+_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """Where exported graphs are kept between runs: ``$DECODE_ACCEL_CACHE/onnx``, else ``~/.cache/decode_accel/onnx``."""
+    root = os.environ.get("DECODE_ACCEL_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "decode_accel") / "onnx"
+
+
+def _fingerprint(net: torch.nn.Module, channels: int) -> str:
+    """What the exported graphs depend on: the weights, the constructor config, the input channels, torch."""
+    h = hashlib.sha256(f"{_FORMAT} {torch.__version__} {type(net).__name__} {channels}".encode())
+    h.update(json.dumps(getattr(net, "_hub_mixin_config", None), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def onnxruntime_available() -> bool:
@@ -67,6 +91,18 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str]) -> bytes:
     return buf.getvalue()
 
 
+def _save(folder: Path, files: dict[str, bytes]) -> None:
+    """Write the graphs atomically (temporary name + rename); a cache that cannot be written is skipped."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)
+    except OSError:
+        pass
+
+
 class OnnxNet:
     """A two-stage network (SigmaMUNet / DoubleMUNet) run by ONNX Runtime, with the interface predict uses.
 
@@ -77,6 +113,9 @@ class OnnxNet:
             ``OMP_NUM_THREADS``).
         spinning: let idle worker threads spin (ONNX Runtime's default). Off by default here: on a CPU
             shared with other work spinning burns CPU time for little gain.
+        cache_dir: folder for the exported graphs, keyed by a hash of the weights and config (default
+            :func:`default_cache_dir`; None or an unwritable folder: export every time). The export costs
+            about 3 CPU-seconds (importing ``torch.onnx`` and tracing), a cached graph about 0.1.
 
     ``encode_frames``/``decode_windows``/``__call__`` take and return CPU torch tensors (float32), like the
     network's own methods.
@@ -84,7 +123,8 @@ class OnnxNet:
 
     backend = "onnx"
 
-    def __init__(self, net: torch.nn.Module, *, threads: int | None = None, spinning: bool = False):
+    def __init__(self, net: torch.nn.Module, *, threads: int | None = None, spinning: bool = False,
+                 cache_dir: str | os.PathLike | None | bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -101,14 +141,26 @@ class OnnxNet:
         channels = getattr(net, "input_channels", None) or net.in_channels
         m = net.size_multiple
         example = torch.rand(2, channels, 2 * m, 2 * m) * 100
+        if cache_dir is True:
+            cache_dir = default_cache_dir()
+        folder = Path(cache_dir) / _fingerprint(net, channels) if cache_dir else None
         try:
-            features = net.encode_frames(example).detach()
-            probe = net.decode_windows(features, features, features)
+            with torch.no_grad():
+                features = net.encode_frames(example)
+                probe = net.decode_windows(features, features, features)
             self.keys = tuple(k for k in self.keys if k in probe)
-            enc = _export(_Encode(net), (example,), ["frames"])
-            dec = _export(_Decode(net, self.keys), (features, features, features), ["f_prev", "f_cur", "f_next"])
+            cached = folder is not None and all((folder / n).is_file() for n in ("encode.onnx", "decode.onnx"))
+            if cached:
+                enc, dec = (folder / "encode.onnx").read_bytes(), (folder / "decode.onnx").read_bytes()
+            else:
+                enc = _export(_Encode(net), (example,), ["frames"])
+                dec = _export(_Decode(net, self.keys), (features, features, features), ["f_prev", "f_cur", "f_next"])
+                if folder is not None:
+                    _save(folder, {"encode.onnx": enc, "decode.onnx": dec})
         finally:
             net.train(was_training)
+        #: whether the graphs came from the cache (for tests and benchmarks)
+        self.from_cache = cached
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
