@@ -48,11 +48,22 @@ install_napari_debs() {
     rm -f "$failed"
 }
 
+# pip's output goes to .venv/pip.log (its warnings about package mirrors and editable installs are noise on
+# every fresh set-up); a failure shows the log's end
+pip_install() {
+    if ! .venv/bin/python -m pip install -q "$@" >>.venv/pip.log 2>&1; then
+        echo "bootstrap: pip install $* failed; the end of .venv/pip.log:" >&2
+        tail -n 20 .venv/pip.log >&2
+        return 1
+    fi
+}
+
 stamp=.venv/.decode_accel_installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+    echo "bootstrap: installing torch and decode_accel[all] into .venv (log: .venv/pip.log)"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q "torch==2.13.0"
-    .venv/bin/python -m pip install -q -e ".[all]"
+    pip_install "torch==2.13.0"
+    pip_install -e ".[all]"
     touch "$stamp"
 fi
 if [ "$NAPARI" != 0 ]; then
@@ -60,7 +71,7 @@ if [ "$NAPARI" != 0 ]; then
     # the extra on its own, once: without it the rest of the suite still runs (the napari tests skip)
     if ! .venv/bin/python -c "import importlib.util as u, sys
 sys.exit(not all(u.find_spec(m) for m in ('napari', 'pytestqt', 'PyQt5')))" 2>/dev/null; then
-        .venv/bin/python -m pip install -q -e ".[napari]" ||
-            echo "bootstrap: pip could not install the napari extra; the napari tests will skip" >&2
+        echo "bootstrap: installing the napari extra into .venv (log: .venv/pip.log)"
+        pip_install -e ".[napari]" || echo "bootstrap: without the napari extra the napari tests skip" >&2
     fi
 fi
