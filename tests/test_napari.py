@@ -261,6 +261,13 @@ def open_widget(viewer, tif, tif2=None):
     return widget, layer
 
 
+def last_error_line(stderr: str) -> str:
+    """The CLI's error line in what it wrote to stderr (Python warnings may come before it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert lines, stderr
+    return lines[-1]
+
+
 def rgba(colors) -> np.ndarray:
     from matplotlib.colors import to_rgba_array
     return to_rgba_array(colors)
@@ -398,7 +405,7 @@ def test_errors_are_the_clis_one_line_and_cancel_adds_nothing(make_napari_viewer
 
     missing = tmp_path / "no_such_export"
     assert predict_main(["--model", str(missing), "--input", str(tif), "--out", str(tmp_path / "x.csv")]) == 2
-    cli_line = capsys.readouterr().err.strip()
+    cli_line = last_error_line(capsys.readouterr().err)
     widget.model.value = missing
     widget.run()
     wait_done(qtbot, widget)
@@ -546,7 +553,7 @@ def test_a_hub_id_runs_offline_from_the_local_cache(make_napari_viewer, qtbot, t
     np.testing.assert_allclose(points.data, points_of(expected), atol=1e-6)
 
     assert predict_main(["--model", "someone/not-cached", "--input", str(tif), "--out", str(tmp_path / "x.csv")]) == 2
-    cli_line = capsys.readouterr().err.strip()
+    cli_line = last_error_line(capsys.readouterr().err)
     widget.model.line_edit.value = "someone/not-cached"
     widget.run()
     wait_done(qtbot, widget)
