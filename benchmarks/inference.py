@@ -219,20 +219,29 @@ def end_to_end(models: list[tuple[str, Path]], physics: dict, density: float, wo
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "decode_accel.cli"]
     commands = {}
     for name, export in models:
-        commands[name] = (base + ["predict", "--model", str(export), "--input", str(movie), "--out",
-                                  str(work / f"e2e_{tag}_{name}.csv"), "--no-progress", "--ignore-px-size"],
-                          work / f"e2e_{tag}_{name}.csv")
+        for backend in args.backends.split(","):
+            label = name if backend == "torch" else f"{name} {backend}"
+            out = work / f"e2e_{tag}_{label.replace(' ', '_')}.csv"
+            commands[label] = (base + ["predict", "--model", str(export), "--input", str(movie), "--out", str(out),
+                                       "--no-progress", "--ignore-px-size", "--backend", backend], out)
     commands["picasso"] = ([sys.executable, str(REPO / "benchmarks" / "picasso_baseline.py"), "--movie", str(movie),
                             "--mng", str(mng), "--out", str(work / f"e2e_{tag}_picasso.csv"), "--threaded",
                             *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in cam.items()), [])],
                            work / f"e2e_{tag}_picasso.csv")
+    if "onnx" in args.backends.split(","):
+        # the export to ONNX is cached by the weights (inference/onnx_backend.py): warm the cache, so that every
+        # timed run is a user's second and later run of the model (the first costs about 3 CPU-seconds more)
+        from decode_accel.inference.onnx_backend import OnnxNet
+        _, load_exported = _export_api()
+        for _, export in models:
+            OnnxNet(load_exported(export).model)
     runs = {name: [] for name in commands}
     for _ in range(args.repeats):  # A B A B
         for name, (cmd, _) in commands.items():
             r = run_process(cmd, env)
             r["loadavg"] = loadavg()
             runs[name].append(r)
-            log(f"  {density:g}/µm² {name:14s} {r['wall_s']:6.1f} s wall, {r['user_s']:6.1f} user + "
+            log(f"  {density:g}/µm² {name:18s} {r['wall_s']:6.1f} s wall, {r['user_s']:6.1f} user + "
                 f"{r['sys_s']:5.1f} sys CPU-s, peak RSS {r['peak_rss_mb']:5.0f} MB, load {r['loadavg'][:1]}")
     rows = []
     for name, (_, out) in commands.items():
@@ -300,6 +309,7 @@ OPTIONS = {
     "no channels-last": {"channels_last": False},
     "no feature cache": {"cache_features": False},
     "batch 32": {"batch_size": 32},
+    "onnx": {"backend": "onnx"},
 }
 
 
@@ -317,10 +327,12 @@ def time_predict(model, path: Path, n_frames: int, *, device, **options):
     return table, sec, mem.peak - mem.base
 
 
-def throughput(model, physics: dict, work: Path, args, device, log) -> list[dict]:
+def throughput(models: dict, physics: dict, work: Path, args, device, log) -> list[dict]:
+    """``models``: name -> loaded export; every option of ``--options`` for every model, then Picasso."""
     import picasso_baseline as picasso
 
-    options = {k: OPTIONS[k] for k in args.options.split(",") if k}
+    options = {f"{m} {k}" if len(models) > 1 else k: (m, OPTIONS[k]) for m in models
+               for k in args.options.split(",") if k}
     rows = []
     for size, n in ((64, args.frames_64), (256, args.frames_256)):
         for density in (0.1, 1.0):
@@ -331,8 +343,8 @@ def throughput(model, physics: dict, work: Path, args, device, log) -> list[dict
             mem = {k: 0.0 for k in options}
             tables = {}
             for _ in range(args.repeats):
-                for name, kw in options.items():
-                    table, sec, peak = time_predict(model, path, n, device=device, **kw)
+                for name, (m, kw) in options.items():
+                    table, sec, peak = time_predict(models[m], path, n, device=device, **kw)
                     times[name].append(sec)
                     mem[name] = max(mem[name], peak)
                     tables[name] = table
@@ -352,6 +364,7 @@ def throughput(model, physics: dict, work: Path, args, device, log) -> list[dict
                 row = {"size": f"{size}x{size}", "density_per_um2": density, "frames": n, "option": name,
                        "fps": n / sec, "mpx_s": n * size * size / sec / 1e6, "peak_anon_mb": peak,
                        "n_locs": len(table), **score(cfg, truth, table), "seconds": secs}
+                row["loadavg"] = loadavg()
                 rows.append(row)
                 log(f"  {row['size']} {density:g}/µm² {name:22s} {row['fps']:8.1f} fr/s {row['mpx_s']:7.3f} Mpx/s "
                     f"peak +{row['peak_anon_mb']:.0f} MB  JI {row['jaccard']:.3f}")
@@ -368,13 +381,13 @@ def report(results: dict, log) -> None:
     for e in results.get("end_to_end", []):
         log(f"\nend to end: {e['frames']} frames of 64x64 at {e['density_per_um2']:g} emitters/µm², "
             f"{e['rows'][0]['threads']} threads, whole processes, median of {results['repeats']} (A B A B):")
-        log(f"{'method':>18} {'wall s':>7} {'fr/s':>6} {'CPU s':>6} {'sys s':>5} {'RSS MB':>6} {'JI':>6} "
+        log(f"{'method':>22} {'wall s':>7} {'fr/s':>6} {'CPU s':>6} {'sys s':>5} {'RSS MB':>6} {'JI':>6} "
             f"{'RMSE nm':>7} {'wall/Picasso':>12} {'JI-Picasso':>10} {'goal':>5}")
         for r in e["rows"]:
             ratio = f"{r['wall_vs_picasso']:.2f}" if "wall_vs_picasso" in r else ""
             dji = f"{r['ji_minus_picasso']:+.3f}" if "ji_minus_picasso" in r else ""
             goal = ("met" if r["goal_met"] else "no") if "goal_met" in r else ""
-            log(f"{r['method']:>18} {r['wall_s']:>7.1f} {r['fps']:>6.0f} {r['cpu_s']:>6.1f} {r['sys_s']:>5.1f} "
+            log(f"{r['method']:>22} {r['wall_s']:>7.1f} {r['fps']:>6.0f} {r['cpu_s']:>6.1f} {r['sys_s']:>5.1f} "
                 f"{r['peak_rss_mb']:>6.0f} {r['jaccard']:>6.3f} {r['rmse_lat_nm']:>7.1f} {ratio:>12} {dji:>10} "
                 f"{goal:>5}")
         for r in e["rows"][:-1]:
@@ -382,11 +395,13 @@ def report(results: dict, log) -> None:
                 + ", ".join(f"{x:.2f}" for x in r["wall_ratios_per_repeat"])
                 + "; CPU-s / Picasso's: " + ", ".join(f"{x:.2f}" for x in r.get("cpu_ratios_per_repeat", [])))
     if results.get("throughput"):
-        log(f"\nin-process throughput (model {results['throughput_model']}, warmed up; median of {results['repeats']}):")
-        log(f"{'movie':>9} {'/µm²':>5} {'option':>22} {'fr/s':>8} {'Mpx/s':>7} {'peak +MB':>8} {'JI':>6} {'locs':>6}")
+        log(f"\nin-process throughput (models {results['throughput_model']}, warmed up, {results.get('threads')} "
+            f"threads; median of {results['repeats']}):")
+        log(f"{'movie':>9} {'/µm²':>5} {'option':>26} {'fr/s':>8} {'Mpx/s':>7} {'peak +MB':>8} {'JI':>6} "
+            f"{'RMSE nm':>7} {'locs':>6}")
         for r in results["throughput"]:
-            log(f"{r['size']:>9} {r['density_per_um2']:>5g} {r['option']:>22} {r['fps']:>8.1f} {r['mpx_s']:>7.3f} "
-                f"{r['peak_anon_mb']:>8.0f} {r['jaccard']:>6.3f} {r['n_locs']:>6}")
+            log(f"{r['size']:>9} {r['density_per_um2']:>5g} {r['option']:>26} {r['fps']:>8.1f} {r['mpx_s']:>7.3f} "
+                f"{r['peak_anon_mb']:>8.0f} {r['jaccard']:>6.3f} {r['rmse_lat_nm']:>7.1f} {r['n_locs']:>6}")
 
 
 def main(argv=None) -> int:
@@ -397,7 +412,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=1200, help="updates of the model trained here")
     ap.add_argument("--e2e-frames", type=int, default=2000, help="frames of the end-to-end movies (64x64); 0: skip")
     ap.add_argument("--e2e-density", default="1.0", help="comma list of emitters/µm² of the end-to-end movies")
-    ap.add_argument("--e2e-threads", type=int, default=2, help="CPU threads of every process end to end")
+    ap.add_argument("--e2e-threads", type=int, default=2, help="CPU threads of every process end to end "
+                    "(and of the in-process table)")
+    ap.add_argument("--backends", default="torch", help="comma list of predict --backend values run end to end "
+                    "for every model (torch, onnx)")
     ap.add_argument("--tune-frames", type=int, default=100, help="frames of Picasso's tuning movie")
     ap.add_argument("--throughput", action="store_true", help="also the in-process table of predict's options")
     ap.add_argument("--frames-64", type=int, default=200, help="frames of the 64x64 throughput movies")
@@ -418,6 +436,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="decode_accel_bench_"))
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
                      "loadavg_start": loadavg(), "cpus": os.cpu_count(), "repeats": args.repeats,
+                     "nice": os.nice(0),
                      "torch": torch.__version__, "models": {}}
 
     models: list[tuple[str, Path]] = []
@@ -448,8 +467,10 @@ def main(argv=None) -> int:
             results["end_to_end"].append(end_to_end(models, physics, density, work, args, log))
     if args.throughput:
         _, load_exported = _export_api()
-        results["throughput_model"] = models[0][0]
-        results["throughput"] = throughput(load_exported(models[0][1]), physics, work, args,
+        torch.set_num_threads(args.e2e_threads)
+        results["threads"] = torch.get_num_threads()
+        results["throughput_model"] = ", ".join(name for name, _ in models)
+        results["throughput"] = throughput({name: load_exported(path) for name, path in models}, physics, work, args,
                                            torch.device(args.device), log)
     results["loadavg_end"] = loadavg()
     report(results, log)
