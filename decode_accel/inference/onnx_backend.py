@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.inference.tiling import receptive_field_radius
 
 __all__ = ["OnnxNet", "onnxruntime_available", "default_cache_dir"]
 
@@ -206,7 +207,6 @@ class OnnxNet:
     @property
     def receptive_field_radius(self) -> int | None:
         """The PyTorch network's (measured once, for tiling)."""
-        from decode_accel.inference.tiling import receptive_field_radius
         return receptive_field_radius(self.torch_net, self.in_channels, stride=self.size_multiple)
 
     def eval(self) -> "OnnxNet":

@@ -513,7 +513,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         net.to(memory_format=torch.channels_last)
     post = _make_postprocessor(resolved, threshold, postprocessor)
     if backend == "onnx":
-        from decode_accel.inference.onnx_backend import OnnxNet
+        from decode_accel.inference.onnx_backend import OnnxNet  # only with --backend onnx: onnx export machinery is heavy
         runner, channels_last = OnnxNet(net), False
     else:
         runner = net
