@@ -413,7 +413,17 @@ def test_errors_are_the_clis_one_line_and_cancel_adds_nothing(make_napari_viewer
     assert cli_line.startswith("error: ") and "\n" not in cli_line
 
     monkeypatch.setattr(run, "CHUNK_PX", 16 * 32 * 40)  # 3 chunks
-    worker = widget.run(model=oracle_model(camera))
+    slow = oracle_model(camera)
+    fast_forward = slow.model.forward
+
+    def slow_forward(*args, **kwargs):
+        # each batch takes a while, so that the cancel sent on the first chunk's progress signal reaches
+        # the worker before the last chunk starts, however fast the machine (without it the test raced)
+        time.sleep(0.3)
+        return fast_forward(*args, **kwargs)
+
+    slow.model.forward = slow_forward
+    worker = widget.run(model=slow)
     worker.yielded.connect(lambda p: p.done > 0 and widget.cancel())  # cancel after the first chunk
     wait_done(qtbot, widget)
     assert widget.status.value == "cancelled"
