@@ -53,6 +53,8 @@ from tests.test_predict import PX, CentroidOracle, greedy_match, isolated_inside
 
 DOCS_PNG = Path(__file__).resolve().parents[1] / "docs" / "napari_plugin.png"
 WAIT_MS = 120_000
+#: two computations of one table agree to a few float32 ulps of a position (1 ulp at 4 um: 2.4e-4 nm)
+POSITION_ULPS_NM = 1e-3
 
 _GL_PROBE = """
 from qtpy import API_NAME
@@ -305,7 +307,9 @@ def test_widget_agrees_with_the_cli_and_the_reader_opens_both_of_its_files(make_
 
     points = viewer.layers[f"{movie.name} localizations"]
     assert len(points.data) == len(api) == len(read_table(csv)) > 20
-    np.testing.assert_allclose(points.data, points_of(api), atol=1e-6)
+    # the widget's 16-frame chunks batch the frames differently from one predict call, so the float32 maps may
+    # differ in their last bit: 1 ulp of a float32 position near 4 um is 2.4e-4 nm (seen in a full-suite run)
+    np.testing.assert_allclose(points.data, points_of(api), atol=POSITION_ULPS_NM)
     np.testing.assert_allclose(points.features["prob"], api["prob"], atol=1e-6)
     assert points.features["prob"].min() >= 0.6
     for col in ("photons", "x_sigma", "y_sigma", "uncertainty"):
@@ -313,7 +317,7 @@ def test_widget_agrees_with_the_cli_and_the_reader_opens_both_of_its_files(make_
     # the movie is placed in nm: pixel (i, j) centre at ((i + .5) px, (j + .5) px)
     np.testing.assert_allclose(movie.data_to_world((0, 2, 3))[1:], (250.0, 350.0))
     rendered = viewer.layers[f"{movie.name} render"]
-    np.testing.assert_allclose(rendered.data, render(api, px_size_nm=10.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rendered.data, render(widget.table, px_size_nm=10.0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rendered.data_to_world((0, 0)), (5.0, 5.0))
 
     for path in (csv, h5):
@@ -560,7 +564,7 @@ def test_a_hub_id_runs_offline_from_the_local_cache(make_napari_viewer, qtbot, t
     assert widget.threshold.value == pytest.approx(0.6)  # the export's own threshold came with it
     points = viewer.layers[f"{movie.name} localizations"]
     assert len(points.data) == len(expected) > 10
-    np.testing.assert_allclose(points.data, points_of(expected), atol=1e-6)
+    np.testing.assert_allclose(points.data, points_of(expected), atol=POSITION_ULPS_NM)
 
     assert predict_main(["--model", "someone/not-cached", "--input", str(tif), "--out", str(tmp_path / "x.csv")]) == 2
     cli_line = last_error_line(capsys.readouterr().err)
