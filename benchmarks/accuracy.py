@@ -111,7 +111,9 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     if reuse and summary.is_file() and (run_dir / "export").is_dir():
         # the trained model of an earlier run with the same settings; only the operating point is chosen again
         history = json.loads(summary.read_text())
-        if history.get("config") != config.model_dump(mode="json"):
+        # the operating_point section acts after training: a model trained before it existed is the same model
+        trained = {k: v for k, v in config.model_dump(mode="json").items() if k != "operating_point"}
+        if {k: v for k, v in (history.get("config") or {}).items() if k != "operating_point"} != trained:
             raise SystemExit(f"{summary}: --reuse-models found a model trained with another config; "
                              f"drop --reuse-models or use another --out")
         history["learning_curve"] = [tuple(p) for p in history["learning_curve"]]

@@ -26,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from decode_accel.io import to_json_data, write_json  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -44,12 +46,10 @@ class Results:
     def add(self, entry: dict) -> None:
         self.data["steps"].append(entry)
         self.write()
-        log(json.dumps(entry, default=float))
+        log(json.dumps(to_json_data(entry)))
 
     def write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=float))
-        tmp.replace(self.path)
+        write_json(self.data, self.path, indent=1)
 
 
 def sim_config(size: int):

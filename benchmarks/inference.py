@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_accel.evaluation import evaluate  # noqa: E402
+from decode_accel.io import write_json  # noqa: E402
 from decode_accel.simulation import SimulationConfig, Simulator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,8 +477,7 @@ def main(argv=None) -> int:
     report(results, log)
     out = Path(args.json or REPO / "benchmarks" / "results" /
                ("inference_cpu_quick.json" if args.quick else "inference_cpu.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=float))
+    write_json(results, out, indent=1)
     log(f"results -> {out}")
     return 0
 

@@ -3,11 +3,13 @@
 The command lines of the package live here (``simulate``, ``train`` and every recipe through
 :func:`run_from_cli`, ``push``, ``config-reference``); ``predict``, ``evaluate``, ``demo``, ``calibrate`` and
 ``postprocess`` are dispatched to the ``*_main`` of their rooms. User errors become one line on stderr and a
-non-zero exit code (a traceback only with ``--debug``). A recipe is::
+non-zero exit code (a traceback only with ``--debug``). :func:`run_from_cli` parses a recipe's flags and
+runs the one run orchestration, :func:`decode_accel.pipeline.train_model` (build, train, export, operating
+point). A recipe is::
 
-    from decode_accel.cli import run_from_cli
+    from decode_accel.cli import recipe_main
     if __name__ == "__main__":
-        run_from_cli(sys.argv[1:], default_config="single_channel")
+        recipe_main("single_channel", description=__doc__.splitlines()[0])
 
 and runs as ``python recipes/x.py``, ``accelerate launch [launcher flags] recipes/x.py [flags]`` or
 ``torchrun --nproc_per_node N recipes/x.py --cpu`` (flags are long and unambiguous because torchrun
@@ -121,49 +123,56 @@ def parse_recipe_args(argv: list[str], description: str = "") -> argparse.Namesp
 
 def run_from_cli(argv: list[str], default_config: str | os.PathLike | None = None, description: str = "",
                  require_teacher: bool = False) -> dict:
-    """Parse recipe flags, build everything from the config and train; returns the history.
+    """Parse recipe flags, load the config and run :func:`decode_accel.pipeline.train_model` (build, train,
+    export, then the operating point); returns the history.
 
     Flags: ``--config FILE.yaml``, ``key=value`` overrides, ``--cpu``, ``--resume``, ``--output_dir DIR``,
-    ``--mixed_precision {no,bf16,fp16,fp8}``, ``--teacher DIR``.
+    ``--mixed_precision {no,bf16,fp16,fp8}``, ``--teacher DIR``. ``operating_point.enable=false`` skips the
+    operating point (quick runs).
     """
-    from decode_accel.export import default_export_dir  # per command
-    from decode_accel.io._atomic import writable_folder  # per command
-    from decode_accel.training.builders import build_loaders, resolve_default_config  # per command
-    from decode_accel.training.config import load_config, save_config  # per command
-    from decode_accel.training.preemption import PreemptionHook  # per command
-    from decode_accel.training.trainer import build_trainer  # per command
+    from decode_accel.training.builders import resolve_default_config  # per command
+    from decode_accel.training.config import load_config  # per command
 
     args = parse_recipe_args(list(argv), description)
     overrides = list(args.overrides)
-    if args.output_dir is not None:
-        out = Path(args.output_dir)
-        overrides += [f"checkpointing.save_dir={out / 'checkpoints'}", f"monitoring.log_dir={out / 'logs'}"]
     if args.teacher is not None:
         overrides.append(f"distillation.teacher={args.teacher}")
     config = load_config(args.config or resolve_default_config(default_config), overrides)
     if require_teacher and not config.distillation.teacher:
         raise DecodeAccelError("this recipe needs a teacher", field="distillation.teacher",
                                fix="pass --teacher EXPORT_DIR (the export folder of a trained model)")
+    # the run's rooms load once the config is known to be valid (a config error is reported without them)
+    from accelerate import PartialState  # per command
+
+    from decode_accel.pipeline import train_model  # per command
+    from decode_accel.training.preemption import PreemptionHook  # per command
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM/SIGINT (cluster pre-emption, Ctrl-C) -> checkpoint at the next update, then exit; rerun with --resume
-    trainer = build_trainer(config, cpu=True if args.cpu else None, mixed_precision=args.mixed_precision,
-                            hooks=(PreemptionHook(),))
-    acc = trainer.accelerator
-    train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
-    run_dir = Path(args.output_dir) if args.output_dir else Path(config.checkpointing.save_dir).parent
-    if acc.is_main_process:
-        writable_folder(run_dir, field="--output_dir" if args.output_dir else "checkpointing.save_dir",
-                        fix="choose a folder you can write to, e.g. --output_dir runs/my_run")
-        save_config(config, run_dir / "config.resolved.yaml")
-    acc.print(f"decode_accel: {acc.num_processes} process(es) on {acc.device}, mixed precision "
-              f"{acc.mixed_precision}, {trainer.settings.epochs} epoch(s) x "
-              f"{trainer.settings.steps_per_epoch} batch(es)")
-    # the trainer builds the monitor of config.monitoring and closes it when the fit ends
-    export_dir = default_export_dir(trainer.settings.save_dir)  # run_dir/export: beside checkpoints/
-    history = trainer.train(train_loader, val_loader, resume=args.resume, export_dir=export_dir)
-    acc.print(f"done: best val_loss {history['best_val_loss']} at epoch {history['best_epoch']}, "
-              f"{history['total_time']:.1f} s; export in {export_dir}")
+    history = train_model(config, args.output_dir, cpu=True if args.cpu else None,
+                          mixed_precision=args.mixed_precision, resume=args.resume, hooks=(PreemptionHook(),),
+                          run_dir_field="--output_dir")
+    state = PartialState()
+    state.print(f"done: best val_loss {history['best_val_loss']} at epoch {history['best_epoch']}, "
+                f"{history['total_time']:.1f} s; export in {history['export_dir']}")
+    point = history["operating_point"]
+    state.print("operating point: skipped (operating_point.enable=false)" if point is None else
+                f"operating point: threshold {point['threshold']:g}, precision {point['precision']:.3f}, recall "
+                f"{point['recall']:.3f}, probabilities calibrated: "
+                f"{'yes' if point.get('probability_calibration') else 'no (too few detections)'}; chosen on "
+                f"{point['chosen_on']}")
     return history
+
+
+def recipe_main(default_config: str, description: str = "", require_teacher: bool = False) -> None:
+    """The ``__main__`` of a recipe: :func:`run_from_cli` on ``sys.argv``; a user error is one line
+    (``error: ...``) on stderr and exit code 2."""
+    try:
+        run_from_cli(sys.argv[1:], default_config=default_config, description=description,
+                     require_teacher=require_teacher)
+    except DecodeAccelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def push_main(argv: list[str]) -> int:

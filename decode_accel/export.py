@@ -36,6 +36,7 @@ import torch
 import decode_accel
 from decode_accel.errors import DecodeAccelError
 from decode_accel.io._atomic import fsync_tree, swap_folder
+from decode_accel.io._json import to_json_data
 from decode_accel.models.config import ARCHITECTURES
 from decode_accel.models.variance import reads_variance
 from decode_accel.simulation.camera import Camera
@@ -137,14 +138,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _as_dict(config: Any) -> dict | None:
-    """A config (pydantic model or mapping) as a JSON-able dict; None stays None."""
-    if config is None:
-        return None
-    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else dict(config)
-    return json.loads(json.dumps(data, default=str))
 
 
 def model_card(name: str, meta: Mapping[str, Any], sim: SimulationConfig | None = None) -> str:
@@ -317,7 +310,7 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
                                fix="export a decode_accel network (SigmaMUNet or DoubleMUNet)")
     sim = simulation_config if isinstance(simulation_config, SimulationConfig) else \
         SimulationConfig.model_validate(simulation_config)
-    training = _as_dict(training_config)
+    training = to_json_data(training_config, default=str)  # a pydantic config or a mapping; None stays None
     n_channels = sim.channels.n_channels
     if operating_point is not None:
         threshold = operating_point.get("threshold")
@@ -368,10 +361,9 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
             "dye_table": dye_table(sim),
             "scaling": scaling,
             "simulation": sim_data,
-            "metrics": json.loads(json.dumps(dict(metrics or {}), default=float)),
+            "metrics": to_json_data(dict(metrics or {})),
             "training": training,
-            "operating_point": json.loads(json.dumps(dict(operating_point), default=float))
-            if operating_point is not None else None,
+            "operating_point": to_json_data(operating_point),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(name or out_dir.name, meta, sim))

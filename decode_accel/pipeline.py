@@ -8,7 +8,6 @@ validation streams never use, and thresholds are never tuned on them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -18,17 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate.utils import broadcast_object_list
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (WITHIN_ONE_SIGMA, bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.evaluation.matching import match_localizations
-from decode_accel.export import export_model, load_exported
+from decode_accel.export import default_export_dir, export_model, load_exported
 from decode_accel.inference.postprocess import (PostProcessor, ProbabilityCalibration, SubpixelEqualisation,
                                               ZResponseCalibration)
 from decode_accel.inference.predict import predict
 from decode_accel.io import write_table
+from decode_accel.io._atomic import writable_folder
+from decode_accel.io._json import write_json
 from decode_accel.simulation import Simulator
 from decode_accel.training.builders import build_loaders, build_monitor
 from decode_accel.training.config import load_config, save_config
@@ -177,53 +179,97 @@ def crlb_psf(sim_config):
     return None
 
 
-def train_model(config, run_dir: str | Path, *, cpu: bool = True, max_minutes: float | None = None,
-                mixed_precision: str | None = None, progress: bool = False, operating_point: bool = True,
-                target_simulation=None) -> dict:
-    """Train ``config`` (a TrainingConfig) on on-the-fly simulation; export to ``run_dir/export``.
+def train_model(config, run_dir: str | Path | None = None, *, cpu: bool | None = True,
+                mixed_precision: str | None = None, resume: bool = False, hooks: tuple = (),
+                max_minutes: float | None = None, progress: bool = False, operating_point: bool | None = None,
+                target_simulation=None, run_dir_field: str = "run_dir") -> dict:
+    """The one run orchestration (every recipe's command line, the demo, the benchmarks): build, train,
+    close, then choose the operating point.
 
-    The fit runs ``training_strategy.epochs x data.steps_per_epoch`` updates (``max_minutes`` is an
-    optional wall-clock cap on top). With ``operating_point`` the detection threshold is then chosen on
-    a tuning movie and stored in the export (:func:`choose_operating_point`): of ``target_simulation``
-    (a SimulationConfig, the physics the model is meant for when training ran on a raised one, see
-    :func:`training_physics_overrides`), or of the training physics when it is None.
+    Builds the trainer, loaders and monitor of ``config`` (a TrainingConfig), writes
+    ``config.resolved.yaml`` into the run folder, trains on on-the-fly simulation for
+    ``training_strategy.epochs x data.steps_per_epoch`` updates (``max_minutes``: an optional wall-clock
+    cap on top; ``resume``: continue from the last complete checkpoint; ``hooks``: more trainer hooks),
+    writes the export to ``export/`` beside ``checkpoints/`` and closes the monitor. ``run_dir`` None: the
+    folder above ``checkpointing.save_dir``; given: ``checkpoints/`` and ``logs/`` go inside it
+    (``run_dir_field`` names it in errors, e.g. ``--output_dir``). ``cpu`` None: the config's
+    ``training_strategy.cpu``.
 
-    Returns the history plus ``export_dir``, ``train_seconds``, ``samples_per_s``, ``data_wait_share``,
-    ``learning_curve`` [(update, seconds, loss)] and ``operating_point``.
+    Then the detection threshold and the probability calibration are chosen on a tuning movie and stored
+    in the export (:func:`choose_operating_point`), unless ``operating_point`` is False (None: the config's
+    ``operating_point.enable``). The tuning movie has the physics of ``target_simulation`` (a
+    SimulationConfig: the physics the model is meant for when it trained on raised physics, see
+    :func:`training_physics_overrides`), else of the config's ``operating_point.simulation`` overrides,
+    else the training physics. With several processes only the main process simulates, tunes and writes;
+    the others wait for it and receive its result.
+
+    Returns the history plus ``export_dir``, ``train_seconds``, ``wall_seconds``, ``samples`` (all
+    processes), ``samples_per_s``, ``data_wait_share``, ``learning_curve`` [(update, seconds, loss)] and
+    ``operating_point`` (None when skipped).
     """
-
-    run_dir = Path(run_dir)
-    data = config.model_dump()
-    data["checkpointing"]["save_dir"] = str(run_dir / "checkpoints")
-    data["monitoring"]["log_dir"] = str(run_dir / "logs")
-    config = type(config).model_validate(data)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        config = config.model_copy(update={
+            "checkpointing": config.checkpointing.model_copy(update={"save_dir": str(run_dir / "checkpoints")}),
+            "monitoring": config.monitoring.model_copy(update={"log_dir": str(run_dir / "logs")})})
+    else:
+        run_dir, run_dir_field = Path(config.checkpointing.save_dir).parent, "checkpointing.save_dir"
     curve, budget = LearningCurve(), TimeBudget(max_minutes)
-    hooks = [curve, budget]
+    own_hooks = [curve, budget]
     if progress:
         total = config.training_strategy.epochs * config.data.steps_per_epoch
-        hooks.append(ProgressBar(total, f"training {config.model.architecture}/{config.model.preset}"))
-    trainer = build_trainer(config, cpu=cpu, mixed_precision=mixed_precision, hooks=tuple(hooks))
-    train_loader, val_loader = build_loaders(config, rank=trainer.accelerator.process_index,
-                                             world_size=trainer.accelerator.num_processes)
-    monitor = build_monitor(config, is_main_process=trainer.accelerator.is_main_process)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.resolved.yaml")
+        own_hooks.append(ProgressBar(total, f"training {config.model.architecture}/{config.model.preset}"))
+    trainer = build_trainer(config, cpu=cpu, mixed_precision=mixed_precision, hooks=(*own_hooks, *hooks))
+    acc, settings = trainer.accelerator, trainer.settings
+    train_loader, val_loader = build_loaders(config, rank=acc.process_index, world_size=acc.num_processes)
+    if acc.is_main_process:
+        writable_folder(run_dir, field=run_dir_field,
+                        fix="choose a folder you can write to, e.g. --output_dir runs/my_run")
+        save_config(config, run_dir / "config.resolved.yaml")
+        logger.info("%d process(es) on %s, mixed precision %s, %d epoch(s) x %d batch(es)", acc.num_processes,
+                    acc.device, acc.mixed_precision, settings.epochs, settings.steps_per_epoch)
+    export_dir = default_export_dir(settings.save_dir)  # run_dir/export: beside checkpoints/
+    monitor = build_monitor(config, is_main_process=acc.is_main_process)
     t0 = time.perf_counter()
     try:
-        history = trainer.train(train_loader, val_loader, monitor=monitor, export_dir=run_dir / "export",
-                                **trainer.fit_kwargs)
+        history = trainer.train(train_loader, val_loader, monitor=monitor, export_dir=export_dir, resume=resume)
         perf = monitor.performance_summary(log=False)
     finally:
         monitor.close()
     seconds = time.perf_counter() - t0
-    samples = history["global_step"] * config.data.batch_size * config.training_strategy.accumulate_grad_batches
+    samples = (history["global_step"] * config.data.batch_size * config.training_strategy.accumulate_grad_batches
+               * acc.num_processes)
     train_seconds = curve.points[-1][1] if curve.points else seconds
-    history.update(export_dir=run_dir / "export", train_seconds=train_seconds, wall_seconds=seconds,
+    history.update(export_dir=export_dir, train_seconds=train_seconds, wall_seconds=seconds,
                    samples=samples, samples_per_s=samples / max(train_seconds, 1e-9),
-                   data_wait_share=_data_wait_share(perf), learning_curve=curve.points)
-    history["operating_point"] = (choose_operating_point(run_dir / "export", simulation=target_simulation)
-                                  if operating_point else None)
+                   data_wait_share=_data_wait_share(perf), learning_curve=curve.points, operating_point=None)
+    if config.operating_point.enable if operating_point is None else operating_point:
+        tuning = target_simulation if target_simulation is not None else config.tuning_simulation()
+        history["operating_point"] = _on_main_process(
+            acc, lambda: choose_operating_point(export_dir, simulation=tuning, n_frames=config.operating_point.frames))
     return history
+
+
+def _on_main_process(accelerator, work):
+    """``work()`` on the main process only; the other processes wait for it and receive its result (or fail
+    with its error), so that no process leaves while the main one still simulates, tunes and writes."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - passed on to the waiting processes, then raised here
+            if accelerator.num_processes == 1:
+                raise
+            error = err
+    if accelerator.num_processes == 1:
+        return result
+    result, message = broadcast_object_list([result, None if error is None else f"{type(error).__name__}: {error}"])
+    if error is not None:
+        raise error
+    if message is not None:
+        raise DecodeAccelError(f"the main process failed: {message}", field="operating_point",
+                               fix="see the main process's error above")
+    return result
 
 
 #: expected true emitter-frames of a tuning movie: enough that a threshold's Jaccard index is known to ~1 %
@@ -566,32 +612,6 @@ def plot_learning_curve(points: list[tuple[int, float, float]], path: str | Path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if torch.is_tensor(obj):
-        return _jsonable(obj.tolist())
-    return obj
-
-
-def write_json(data, path: str | Path) -> Path:
-    """Atomic JSON write (NaN -> null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    tmp.replace(path)
     return path
 
 

@@ -1,24 +1,11 @@
 """Two-channel ratiometric training (DoubleMUNet + UnifiedLoss) on simulated frames.
 
-Launch (no data files needed; the frames are simulated on the fly)::
-
-    python recipes/multi_channel.py [--config FILE.yaml] [key=value ...] [--cpu] [--resume] [--output_dir DIR]
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/multi_channel.py ...
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/multi_channel.py ...
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/multi_channel.py --cpu ...
-
-The default config is recipes/configs/multi_channel.yaml; everything is built by
-decode_accel.cli.run_from_cli (shared by all recipes).
+Each emitter's photons split between two channels by its dye's ratio (recipes/configs/multi_channel.yaml);
+the export carries the dye table, so predict assigns colours. Launched like the single-channel recipe:
+``accelerate launch recipes/multi_channel.py --output_dir runs/mc [key=value ...]``.
 """
 
-import sys
-
-from decode_accel.errors import DecodeAccelError
-from decode_accel.cli import run_from_cli
+from decode_accel.cli import recipe_main
 
 if __name__ == "__main__":
-    try:
-        run_from_cli(sys.argv[1:], default_config="multi_channel", description=__doc__.splitlines()[0])
-    except DecodeAccelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    recipe_main("multi_channel", description=__doc__.splitlines()[0])

@@ -1,24 +1,12 @@
 """Single-channel DECODE-style training (SigmaMUNet + GaussianMMLoss) on simulated frames.
 
-Launch (no data files needed; the frames are simulated on the fly)::
-
-    python recipes/single_channel.py [--config FILE.yaml] [key=value ...] [--cpu] [--resume] [--output_dir DIR]
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/single_channel.py ...
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/single_channel.py ...
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/single_channel.py --cpu ...
-
-The default config is recipes/configs/single_channel.yaml; everything is built by
-decode_accel.cli.run_from_cli (shared by all recipes).
+The default config, recipes/configs/single_channel.yaml, simulates 40 x 40 px frames of an astigmatic 3D PSF
+at 1 emitter/µm² on the fly (no data files). Run ``python recipes/single_channel.py [flags]`` or
+``accelerate launch [launcher flags] recipes/single_channel.py [flags]`` (README, "Multi-process and GPU
+training"; ``--help`` lists the flags); decode_accel.pipeline.train_model does the run.
 """
 
-import sys
-
-from decode_accel.errors import DecodeAccelError
-from decode_accel.cli import run_from_cli
+from decode_accel.cli import recipe_main
 
 if __name__ == "__main__":
-    try:
-        run_from_cli(sys.argv[1:], default_config="single_channel", description=__doc__.splitlines()[0])
-    except DecodeAccelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    recipe_main("single_channel", description=__doc__.splitlines()[0])

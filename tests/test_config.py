@@ -205,3 +205,13 @@ def test_seed_loss_scheduler_entries_validate_per_type():
     assert cfg.loss_scheduling.schedules["ratio_weight"].end_epoch == 50
     with pytest.raises(DecodeAccelError, match="loss_scheduling.schedules.w: a cosine schedule needs min_value"):
         load_config(None, ["loss_scheduling.schedules={w: {type: cosine, max_value: 1, period: 3}}"])
+
+
+def test_the_operating_point_section_defaults_to_on_and_checks_its_tuning_physics():
+    config = TrainingConfig()
+    assert config.operating_point.enable and config.tuning_simulation() is None  # the training physics
+    meant_for = TrainingConfig(operating_point={"simulation": {"emitters.density": 0.037}})
+    assert meant_for.tuning_simulation().emitters.density == 0.037 and meant_for.simulation.emitters.density != 0.037
+    assert not load_config(None, ["operating_point.enable=false"]).operating_point.enable
+    with pytest.raises(DecodeAccelError, match=r"operating_point\.simulation does not fit.*emitters\.densty"):
+        load_config(None, ["operating_point.simulation={emitters.densty: 0.1}"])

@@ -131,6 +131,22 @@ def test_curriculum_difficulty_reaches_a_dataloader_worker_and_lr_and_weights_fo
     assert {w for *_, w in first} == {2.0} and {w for *_, w in second} == {1.0}
 
 
+def test_the_hook_the_config_and_the_seed_share_one_curriculum_stage_type():
+    from decode_accel.training.config import CurriculumStage, TrainingConfig
+
+    config = TrainingConfig(curriculum=[{"until_epoch": 2, "lr": 1e-3}])
+    seed = {"end_epoch": 4, "learning_rate": 2e-4, "description": "dense"}
+    hook = CurriculumHook([config.curriculum[0], seed])
+    assert all(type(s) is CurriculumStage for s in hook.stages)
+    assert hook.stages[0] is config.curriculum[0]
+    assert (hook.stages[1].until_epoch, hook.stages[1].lr) == (4, 2e-4)
+    # a stage that says neither where it ends nor a known field is refused in one line naming the stage
+    with pytest.raises(DecodeAccelError, match=r"curriculum\.1: give exactly one of until_epoch and until_step"):
+        CurriculumHook([{"until_epoch": 1}, {"lr": 1e-3}])
+    with pytest.raises(DecodeAccelError, match=r"curriculum\.0\.lrate"):
+        CurriculumHook([{"until_epoch": 1, "lrate": 1e-3}])
+
+
 # ---------------------------------------------------------------------------------------------- distillation
 def test_distillation_blends_teacher_and_ground_truth_and_leaves_the_teacher_untouched():
     sim = tiny_simulation()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,9 +22,14 @@ def run_recipe(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_single_channel_recipe_trains_checkpoints_exports_and_resumes(tmp_path):
+def operating_point(export: Path) -> dict | None:
+    return json.loads((export / "decode_accel.json").read_text())["operating_point"]
+
+
+def test_single_channel_recipe_trains_checkpoints_exports_chooses_its_operating_point_and_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = run_recipe("single_channel", "--cpu", "--output_dir", str(out), *TINY, "monitoring.plot_every=2")
+    proc = run_recipe("single_channel", "--cpu", "--output_dir", str(out), *TINY, "monitoring.plot_every=2",
+                      "operating_point.frames=30")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "best val_loss" in proc.stdout
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -31,12 +37,66 @@ def test_single_channel_recipe_trains_checkpoints_exports_and_resumes(tmp_path):
     assert (out / "export" / "model.safetensors").exists()
     assert (out / "config.resolved.yaml").exists() and (out / "logs" / "metrics.jsonl").exists()
     assert list((out / "logs").rglob("*.png"))  # curves and predictions plotted at epoch 2
+    # the run ends with the operating point, chosen on a tuning movie of the training physics
+    point = operating_point(out / "export")
+    assert 0 < point["threshold"] <= 1 and "probability_calibration" in point
+    assert "training physics" in point["chosen_on"] and "30 frames" in point["chosen_on"]
+    assert f"operating point: threshold {point['threshold']:g}" in proc.stdout
 
-    # --resume with one more epoch continues from update 4 to update 6
+    # --resume with one more epoch continues from update 4 to update 6; operating_point.enable=false skips
+    # the operating point (the new export has none)
     proc = run_recipe("single_channel", "--cpu", "--resume", "--output_dir", str(out), *TINY,
-                      "training_strategy.epochs=3")
+                      "training_strategy.epochs=3", "operating_point.enable=false")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "checkpoints" / "step-6").is_dir()
+    assert operating_point(out / "export") is None and "operating point: skipped" in proc.stdout
+
+
+#: run in each process of `accelerate launch`: the recipes' command line, with choose_operating_point
+#: recording the process that runs it
+DRIVER = """
+import json, os, sys
+from decode_accel import pipeline
+
+real = pipeline.choose_operating_point
+
+def recording(*args, **kwargs):
+    with open(os.environ["TUNED_BY"], "a") as f:
+        f.write(os.environ.get("RANK", "?") + "\\n")
+    return real(*args, **kwargs)
+
+pipeline.choose_operating_point = recording
+from decode_accel.cli import run_from_cli
+history = run_from_cli(sys.argv[1:], default_config="single_channel")
+with open(os.path.join(os.environ["RESULTS"], "rank" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump({"threshold": history["operating_point"]["threshold"], "step": history["global_step"]}, f)
+"""
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_accelerate_launch_with_two_processes_only_the_main_one_chooses_the_operating_point(tmp_path):
+    driver, out, tuned_by = tmp_path / "driver.py", tmp_path / "run", tmp_path / "tuned_by.txt"
+    driver.write_text(DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1",
+               TUNED_BY=str(tuned_by), RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), str(driver), "--cpu", "--output_dir", str(out),
+                           *TINY, "operating_point.frames=30"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tuned_by.read_text().split() == ["0"]  # one tuning movie, on the main process
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # both processes trained the same updates and return the operating point the main process stored
+    assert r0 == r1 and r0["step"] == 4  # 2 epochs x 2 updates of the global batch
+    assert operating_point(out / "export")["threshold"] == r0["threshold"]
+    assert proc.stdout.count("operating point: threshold") == 1  # printed once, by the main process
 
 
 def test_distill_recipe_without_a_teacher_fails_with_one_line_naming_the_flag():

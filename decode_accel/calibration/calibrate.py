@@ -61,6 +61,15 @@ class Estimate:
         return f"| {self.name} | {value}{sd} | {self.unit} | {self.source} | {self.note} |"
 
 
+def _given_or_assumed(est: list, name: str, value, assumed: float, unit: str, note: str):
+    """``value`` when the user gave it, else ``assumed`` (with ``note`` saying why); recorded in ``est``."""
+    if value is None:
+        est.append(Estimate(name, assumed, None, unit, "assumed", note))
+        return assumed
+    est.append(Estimate(name, value, None, unit, "given"))
+    return value
+
+
 @dataclass
 class CalibrationResult:
     """What :func:`calibrate` found: the simulation config, the table, the fits and the data."""
@@ -86,13 +95,8 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
     kind = args.get("camera")
     maps = {k: args.get(k) for k in ("scmos_maps", "scmos_offset_map", "scmos_variance_map", "scmos_e_per_adu_map")}
     have_maps = any(v is not None for v in maps.values())
-    qe = args.get("qe")
-    if qe is None:
-        qe = 1.0
-        est.append(Estimate("quantum efficiency", 1.0, None, "e-/photon", "assumed",
-                            "photons are photoelectrons (detected photons); give --qe to count incident photons"))
-    else:
-        est.append(Estimate("quantum efficiency", qe, None, "e-/photon", "given"))
+    qe = _given_or_assumed(est, "quantum efficiency", args.get("qe"), 1.0, "e-/photon",
+                           "photons are photoelectrons (detected photons); give --qe to count incident photons")
     cam: dict[str, Any] = {"qe": float(qe)}
     if have_maps:
         if kind not in (None, "scmos"):
@@ -140,12 +144,8 @@ def _camera_section(args: dict, movie: np.ndarray, est: list[Estimate]) -> dict:
             est.append(Estimate("conversion", e_per_adu, fit.slope_sd / fit.slope ** 2, "e-/ADU", "estimated", "1 / slope"))
         else:
             est.append(Estimate("conversion", e_per_adu, None, "e-/ADU", "given"))
-        if rn is None:
-            rn = 0.0
-            est.append(Estimate("read noise", 0.0, None, "e- rms", "assumed",
-                                "folded into the offset by the mean-variance fit; give --read-noise"))
-        else:
-            est.append(Estimate("read noise", rn, None, "e- rms", "given"))
+        rn = _given_or_assumed(est, "read noise", rn, 0.0, "e- rms",
+                               "folded into the offset by the mean-variance fit; give --read-noise")
     else:  # emccd: the movie fixes EM gain / (e-/ADU) = slope / 2
         ratio, ratio_sd = (fit.slope / 2.0, fit.slope_sd / 2.0) if fit is not None else (em_gain / e_per_adu, None)
         if e_per_adu is None and em_gain is None:

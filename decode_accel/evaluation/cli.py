@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from typing import Any
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation.crlb import GaussianPSF
 from decode_accel.evaluation.metrics import evaluate, format_report
 from decode_accel.io import read_table
-from decode_accel.io._atomic import atomic_path
+from decode_accel.io._json import write_json
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,16 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if hasattr(v, "item"):
-        return _jsonable(v.item())
-    return v
-
-
 def evaluate_main(argv: list[str]) -> int:
     """Run ``decode-accel evaluate`` with ``argv`` (without the command name); returns the exit code.
 
@@ -74,7 +61,5 @@ def evaluate_main(argv: list[str]) -> int:
                        px_size_nm=args.px_size or 100.0, camera=args.camera, default_bg=args.bg)
     print(format_report(metrics))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            with open(tmp, "w") as fh:
-                json.dump(_jsonable(metrics), fh, indent=2)
+        write_json(metrics, args.json)
     return 0

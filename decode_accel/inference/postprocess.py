@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from decode_accel.config_base import StrictModel
 from decode_accel.errors import DecodeAccelError
@@ -69,7 +69,35 @@ _FEATURES = {
 }
 
 
-class ProbabilityCalibration:
+_REQUIRED = object()
+
+
+class _StoredCorrection:
+    """A correction of the operating point that the export stores as lists of numbers: :meth:`to_dict` writes
+    the constructor arguments named in ``STORED`` ((name, default) in constructor order; ``_REQUIRED``: no
+    default), :meth:`from_any` reads them back; ``WHAT`` names the correction in errors, ``FIELD`` is its key."""
+
+    STORED: tuple[tuple[str, Any], ...] = ()
+    WHAT = FIELD = ""
+
+    def to_dict(self) -> dict:
+        return {name: [float(v) for v in getattr(self, name)] for name, _ in self.STORED}
+
+    @classmethod
+    def from_any(cls, value):
+        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
+        if value is None or isinstance(value, cls):
+            return value
+        try:
+            return cls(*(value[name] if default is _REQUIRED else value.get(name, default)
+                         for name, default in cls.STORED))
+        except (KeyError, TypeError, AttributeError):
+            shape = ", ".join(f"{name}: [...]" for name, _ in cls.STORED)
+            raise DecodeAccelError(f"{cls.WHAT} must be {{{shape}}}", field=cls.FIELD,
+                                   fix="refit it with choose_operating_point") from None
+
+
+class ProbabilityCalibration(_StoredCorrection):
     """A monotone map from the network's aggregated detection probability to the share of detections that
     are real, fitted on a tuning movie (:meth:`fit`) and applied by the post-processor.
 
@@ -83,6 +111,9 @@ class ProbabilityCalibration:
         calibrated: the share of real detections at each knot, non-decreasing in [0, 1].
     Between knots the map is linear; outside them it is flat.
     """
+
+    STORED = (("raw", _REQUIRED), ("calibrated", _REQUIRED))
+    WHAT, FIELD = "a probability calibration", "probability_calibration"
 
     def __init__(self, raw: Sequence[float], calibrated: Sequence[float]):
         r, c = np.asarray(raw, dtype=np.float64), np.asarray(calibrated, dtype=np.float64)
@@ -136,22 +167,8 @@ class ProbabilityCalibration:
         above = np.nonzero(self(grid) >= threshold)[0]
         return float(grid[above[0]]) if len(above) else 1.0 + 1e-9
 
-    def to_dict(self) -> dict:
-        return {"raw": [float(v) for v in self.raw], "calibrated": [float(v) for v in self.calibrated]}
 
-    @classmethod
-    def from_any(cls, value) -> "ProbabilityCalibration | None":
-        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
-        if value is None or isinstance(value, cls):
-            return value
-        try:
-            return cls(value["raw"], value["calibrated"])
-        except (KeyError, TypeError):
-            raise DecodeAccelError("a probability calibration must be {raw: [...], calibrated: [...]}",
-                                   field="probability_calibration", fix="refit it with choose_operating_point") from None
-
-
-class SubpixelEqualisation:
+class SubpixelEqualisation(_StoredCorrection):
     """A monotone per-axis map of the sub-pixel fraction that makes a model's positions as uniform within
     their pixel as the emitters are (the sub-pixel equalisation of FD-DeepLoc), fitted on a movie of the
     training physics (:meth:`fit`) and applied by the post-processor.
@@ -175,6 +192,9 @@ class SubpixelEqualisation:
         x, y: the coefficients [a_1, b_1, a_2, b_2, ...] of each axis (dimensionless).
         offset: the network's mean error (x, y) in px, subtracted after the remap.
     """
+
+    STORED = (("x", _REQUIRED), ("y", _REQUIRED), ("offset", (0.0, 0.0)))
+    WHAT, FIELD = "a sub-pixel equalisation", "subpixel_equalisation"
 
     #: below this many positions the Fourier coefficients are too noisy (about sqrt(2 / n) each)
     MIN_POSITIONS = 2000
@@ -249,23 +269,8 @@ class SubpixelEqualisation:
         return (self._remap(x, self.x) - self.offset[0], self._remap(y, self.y) - self.offset[1],
                 self._density(np.mod(x, 1.0), self.x), self._density(np.mod(y, 1.0), self.y))
 
-    def to_dict(self) -> dict:
-        return {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y],
-                "offset": [float(v) for v in self.offset]}
 
-    @classmethod
-    def from_any(cls, value) -> "SubpixelEqualisation | None":
-        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
-        if value is None or isinstance(value, cls):
-            return value
-        try:
-            return cls(value["x"], value["y"], value.get("offset", (0.0, 0.0)))
-        except (KeyError, TypeError, AttributeError):
-            raise DecodeAccelError("a sub-pixel equalisation must be {x: [...], y: [...], offset: [x, y]}",
-                                   field="subpixel_equalisation", fix="refit it with choose_operating_point") from None
-
-
-class ZResponseCalibration:
+class ZResponseCalibration(_StoredCorrection):
     """A monotone map from the network's z to the true z, fitted on a movie of the training physics with
     known truth (:meth:`fit`) and applied by the post-processor, so that the mean z error is ~0 at every
     depth (the calibration curve a classical astigmatic fit reads z from, here for the network).
@@ -282,6 +287,9 @@ class ZResponseCalibration:
         true: the true z (nm) of each knot, strictly increasing.
     Between knots the map is linear; beyond the ends it continues with the slope of the end segments.
     """
+
+    STORED = (("predicted", _REQUIRED), ("true", _REQUIRED))
+    WHAT, FIELD = "a z calibration", "z_calibration"
 
     def __init__(self, predicted: Sequence[float], true: Sequence[float]):
         p, t = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
@@ -338,87 +346,31 @@ class ZResponseCalibration:
         seg = np.clip(np.searchsorted(p, z) - 1, 0, len(p) - 2)
         return t[seg] + (z - p[seg]) * slopes[seg], slopes[seg]
 
-    def to_dict(self) -> dict:
-        return {"predicted": [float(v) for v in self.predicted], "true": [float(v) for v in self.true]}
-
-    @classmethod
-    def from_any(cls, value) -> "ZResponseCalibration | None":
-        """None, an instance, or its :meth:`to_dict` form (as stored in an export's operating point)."""
-        if value is None or isinstance(value, cls):
-            return value
-        try:
-            return cls(value["predicted"], value["true"])
-        except (KeyError, TypeError):
-            raise DecodeAccelError("a z calibration must be {predicted: [...], true: [...]}", field="z_calibration",
-                                   fix="refit it with choose_operating_point") from None
-
 
 class Dye(StrictModel):
     """One dye of a two-channel experiment: where its ratio sits and how widely it spreads."""
 
     name: str = Field("dye", description="dye name (free text)")
-    ratio: float = Field(0.5, description="mean fraction of the dye's photons in channel 1 (0-1)")
-    ratio_sd: float = Field(0.05, description="spread of the dye's ratio between molecules (1-sigma, 0-1)")
-    prob: float = Field(1.0, description="prior probability (relative abundance, >= 0; normalized over dyes)")
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio_in_unit_interval(cls, v):
-        if not (0.0 <= v <= 1.0):
-            raise ValueError("ratio must lie in [0, 1]")
-        return v
-
-    @field_validator("ratio_sd")
-    @classmethod
-    def _sd_non_negative(cls, v):
-        if not (v >= 0.0 and math.isfinite(v)):
-            raise ValueError("ratio_sd must be finite and >= 0")
-        return v
-
-    @field_validator("prob")
-    @classmethod
-    def _prob_non_negative(cls, v):
-        if not (v >= 0.0 and math.isfinite(v)):
-            raise ValueError("prob must be finite and >= 0")
-        return v
+    ratio: float = Field(0.5, ge=0.0, le=1.0, description="mean fraction of the dye's photons in channel 1 (0-1)")
+    ratio_sd: float = Field(0.05, ge=0.0, allow_inf_nan=False,
+                            description="spread of the dye's ratio between molecules (1-sigma, 0-1)")
+    prob: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                        description="prior probability (relative abundance, >= 0; normalized over dyes)")
 
 
 class PostProcessConfig(StrictModel):
     """Settings of :class:`PostProcessor`."""
 
-    threshold: float = Field(0.3, description="minimum aggregated detection probability of a localization (0-1]")
-    split_threshold: float = Field(0.6, description="p above which a non-maximum pixel is a second emitter (0-1]")
-    merge_radius_px: float = Field(0.75, description="pixels whose predicted positions are closer than this "
-                                                     "belong to the same emitter (px)")
-    min_color_prob: float = Field(0.0, description="posterior below which the colour is left unassigned (-1) (0-1)")
-    dyes: list[Dye] | None = Field(None, description="dye table for colour assignment (two-channel only)")
-
-    @field_validator("threshold", "split_threshold")
-    @classmethod
-    def _prob_range(cls, v):
-        if not (0.0 < v <= 1.0):
-            raise ValueError("must lie in (0, 1]")
-        return v
-
-    @field_validator("merge_radius_px")
-    @classmethod
-    def _radius(cls, v):
-        if not (0.0 <= v <= 3.0):
-            raise ValueError("must lie in [0, 3] px")
-        return v
-
-    @field_validator("min_color_prob")
-    @classmethod
-    def _min_color(cls, v):
-        if not (0.0 <= v <= 1.0):
-            raise ValueError("must lie in [0, 1]")
-        return v
-
-    @model_validator(mode="after")
-    def _dyes_not_empty(self):
-        if self.dyes is not None and len(self.dyes) == 0:
-            raise ValueError("dyes must list at least one dye (or be null)")
-        return self
+    threshold: float = Field(0.3, gt=0.0, le=1.0,
+                             description="minimum aggregated detection probability of a localization (0-1]")
+    split_threshold: float = Field(0.6, gt=0.0, le=1.0,
+                                   description="p above which a non-maximum pixel is a second emitter (0-1]")
+    merge_radius_px: float = Field(0.75, ge=0.0, le=3.0, description="pixels whose predicted positions are closer "
+                                                                     "than this belong to the same emitter (px)")
+    min_color_prob: float = Field(0.0, ge=0.0, le=1.0,
+                                  description="posterior below which the colour is left unassigned (-1) (0-1)")
+    dyes: list[Dye] | None = Field(None, min_length=1,
+                                   description="dye table for colour assignment (two-channel only; null: none)")
 
 
 #: other spellings of the dye fields (the simulation config's names).

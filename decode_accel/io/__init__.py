@@ -2,7 +2,8 @@
 
 ``write_table(df, path, px_size_nm, width, height, n_frames)`` and ``read_table(path)`` choose the
 format by extension (.csv; .hdf5 or .h5). Tables are DataFrames in the convention of
-:mod:`decode_accel.table` (x, y, z in nm, frames 0-based). Every write is atomic.
+:mod:`decode_accel.table` (x, y, z in nm, frames 0-based). Every write is atomic. JSON files:
+``to_json_data`` (the one sanitiser: NaN -> null, numpy/torch -> Python, paths -> text) and ``write_json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._json import to_json_data, write_json
 from decode_accel.io.picasso import read_picasso_hdf5, write_picasso_hdf5, yaml_path
 from decode_accel.io.thunderstorm import read_thunderstorm_csv, write_thunderstorm_csv
 
@@ -22,7 +24,7 @@ CSV_SUFFIXES = (".csv",)
 HDF5_SUFFIXES = (".hdf5", ".h5")
 
 __all__ = ["write_table", "read_table", "write_thunderstorm_csv", "read_thunderstorm_csv", "write_picasso_hdf5",
-           "read_picasso_hdf5", "yaml_path"]
+           "read_picasso_hdf5", "yaml_path", "to_json_data", "write_json"]
 
 
 def _kind(path) -> str:

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from decode_accel.errors import DecodeAccelError
 from decode_accel.export import unwrap_model
 from decode_accel.io._atomic import fsync_folder, swap_folder
+from decode_accel.io._json import to_json_data
 from decode_accel.training.hooks import improved
 
 logger = logging.getLogger(__name__)
@@ -123,21 +124,10 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, (np.generic,)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
 def _to_json(obj, what: str) -> bytes:
+    # non-finite numbers are kept (Python's json reads NaN/Infinity back): a resumed run sees the same state
     try:
-        return (json.dumps(obj, indent=1, default=_json_default) + "\n").encode()
+        return (json.dumps(to_json_data(obj, nonfinite="keep"), indent=1) + "\n").encode()
     except (TypeError, ValueError) as err:
         raise DecodeAccelError(f"{what} cannot be stored as JSON: {err}", field=what,
                                fix="pass only numbers, strings, lists and dicts") from None
@@ -154,14 +144,6 @@ def _torch_bytes(obj, what: str) -> bytes:
         raise DecodeAccelError(f"{what} holds objects that cannot be stored safely ({str(err).splitlines()[0]})",
                                field=what, fix="keep only tensors, numbers, strings, lists and dicts in it") from None
     return data
-
-
-def _config_to_data(config) -> Any:
-    if config is None:
-        return None
-    if hasattr(config, "model_dump"):
-        return config.model_dump(mode="json")
-    return json.loads(json.dumps(config, default=_json_default))
 
 
 def _metric_value(metrics: dict | None, name: str) -> float | None:
@@ -548,7 +530,7 @@ class CheckpointManager:
             _write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict(), "scheduler state"))
         _write_bytes(tmp / "trainer_state.json", _to_json(trainer_state or {}, "trainer_state"))
         _write_bytes(tmp / "metrics.json", _to_json(metrics, "metrics"))
-        config_data = _config_to_data(config)
+        config_data = to_json_data(config, nonfinite="keep")
         if config_data is not None:
             _write_bytes(tmp / "config.yaml", yaml.safe_dump(config_data, sort_keys=False).encode())
         files = {}

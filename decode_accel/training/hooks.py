@@ -47,11 +47,13 @@ from collections import deque
 from typing import Any, Iterable
 
 import torch
+from pydantic import ValidationError
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.loss.distillation import DistillationLoss
-from decode_accel.training.config.sections import seed_stage_names
 from decode_accel.models.variance import network_input
+from decode_accel.training.config.dicts import flatten_dict
+from decode_accel.training.config.sections import CurriculumStage
 from decode_accel.training.monitor import robust_location_scale
 
 logger = logging.getLogger("decode_accel.training")
@@ -153,10 +155,11 @@ class LossSchedulerHook(Hook):
 class CurriculumHook(Hook):
     """Curriculum stages: simulation difficulty, learning rate and loss weights change stage by stage.
 
-    ``stages``: a list of dicts or ``CurriculumStage`` models with ``until_epoch`` or ``until_step``
-    (the stage lasts while epoch < until_epoch / update < until_step; the last stage lasts to the end),
-    ``simulation`` (overrides such as ``{"emitters.density": 0.5}``), ``lr``, ``loss_weights``,
-    ``description``. The simulation overrides do not travel by messages: at fit start the hook hands
+    ``stages``: the config's ``CurriculumStage`` models (the one stage type), or dicts of their fields
+    (the seed's ``end_epoch`` and ``learning_rate`` are read as ``until_epoch`` and ``lr``): each ends at
+    ``until_epoch`` or ``until_step`` (the stage lasts while epoch < until_epoch / update < until_step; the
+    last stage lasts to the end) and holds ``simulation`` (overrides such as ``{"emitters.density": 0.5}``),
+    ``lr``, ``loss_weights``, ``description``. The simulation overrides do not travel by messages: at fit start the hook hands
     the training stream a deterministic *difficulty schedule* (sample index -> overrides, see
     ``decode_accel.data``), so every DataLoader worker and every process computes the same stage for
     the same sample. Epoch and step ends are converted to per-process sample indices with the
@@ -164,20 +167,16 @@ class CurriculumHook(Hook):
     """
 
     def __init__(self, stages: Iterable[Any]):
-        self.stages = [seed_stage_names(s.model_dump() if hasattr(s, "model_dump") else dict(s)) for s in stages]
-        for i, s in enumerate(self.stages):
-            if s.get("until_epoch") is None and s.get("until_step") is None and i < len(self.stages) - 1:
-                raise DecodeAccelError("stage has neither until_epoch nor until_step", field=f"curriculum.{i}",
-                                       fix="give the epoch (or optimizer update) where the stage ends")
+        self.stages = [_curriculum_stage(s, i) for i, s in enumerate(stages)]
         if not self.stages:
             raise DecodeAccelError("no stages", field="curriculum", fix="give at least one stage")
         self.stage = -1
 
     def stage_at(self, epoch: int, step: int) -> int:
         for i, s in enumerate(self.stages):
-            if s.get("until_epoch") is not None and epoch < s["until_epoch"]:
+            if s.until_epoch is not None and epoch < s.until_epoch:
                 return i
-            if s.get("until_step") is not None and step < s["until_step"]:
+            if s.until_step is not None and step < s.until_step:
                 return i
         return len(self.stages) - 1
 
@@ -187,15 +186,15 @@ class CurriculumHook(Hook):
         per_batch = trainer.batch_size * world
         out, start = [], 0
         for s in self.stages:
-            out.append({"start_sample": int(start), "overrides": _dotted(s.get("simulation") or {})})
-            if s.get("until_epoch") is not None:
-                start = s["until_epoch"] * trainer.batches_per_epoch * per_batch
-            elif s.get("until_step") is not None:
-                start = s["until_step"] * trainer.accumulate_grad_batches * per_batch
+            out.append({"start_sample": int(start), "overrides": flatten_dict(s.simulation)})
+            if s.until_epoch is not None:
+                start = s.until_epoch * trainer.batches_per_epoch * per_batch
+            else:
+                start = s.until_step * trainer.accumulate_grad_batches * per_batch
         return out
 
     def on_fit_start(self, trainer):
-        if any(s.get("simulation") for s in self.stages):
+        if any(s.simulation for s in self.stages):
             trainer.set_difficulty_schedule(self.difficulty_schedule(trainer))
 
     def _maybe_switch(self, trainer):
@@ -205,11 +204,11 @@ class CurriculumHook(Hook):
         self.stage = stage
         s = self.stages[stage]
         logger.info("curriculum stage %d begins at epoch %d, update %d: %s", stage, trainer.epoch,
-                    trainer.global_step, s.get("description") or s.get("simulation"))
-        if s.get("lr") is not None:
-            trainer.set_lr(s["lr"])
-        if s.get("loss_weights"):
-            trainer.loss_fn.update_weights(**s["loss_weights"])
+                    trainer.global_step, s.description or s.simulation)
+        if s.lr is not None:
+            trainer.set_lr(s.lr)
+        if s.loss_weights:
+            trainer.loss_fn.update_weights(**s.loss_weights)
 
     def on_epoch_start(self, trainer, epoch):
         self._maybe_switch(trainer)
@@ -225,16 +224,19 @@ class CurriculumHook(Hook):
         self.stage = -1
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """``{"emitters": {"density": 1}}`` -> ``{"emitters.density": 1}`` (the stream takes dotted paths)."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, name + "."))
-        else:
-            out[name] = value
-    return out
+def _curriculum_stage(stage: Any, index: int) -> CurriculumStage:
+    """A stage (the config's ``CurriculumStage``, or a dict with our names or the seed's) as a ``CurriculumStage``."""
+    if isinstance(stage, CurriculumStage):
+        return stage
+    try:
+        return CurriculumStage.model_validate(stage.model_dump() if hasattr(stage, "model_dump") else dict(stage))
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"])
+        raise DecodeAccelError(e["msg"].removeprefix("Value error, "),
+                               field=f"curriculum.{index}" + (f".{where}" if where else ""),
+                               fix="a stage has until_epoch or until_step (the seed's end_epoch), and lr "
+                                   "(learning_rate), loss_weights, simulation, description") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ import torch
 from decode_accel.errors import DecodeAccelError
 from decode_accel.models.variance import network_input
 from decode_accel.io._atomic import writable_folder
+from decode_accel.io._json import to_json_data
+from decode_accel.training.config.dicts import flatten_dict
 
 logger = logging.getLogger(__name__)
 
@@ -46,37 +48,6 @@ def _to_number(value: Any) -> Any:
         except (TypeError, ValueError):
             return value
     return value
-
-
-def _json_safe(value: Any) -> Any:
-    value = _to_number(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> dotted keys with scalar values (TensorBoard rejects nested hparams)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(_json_safe(v))
-        elif v is None:
-            out[key] = "null"
-        elif isinstance(v, (bool, int, float, str)):
-            out[key] = v
-        else:
-            out[key] = str(_to_number(v))
-    return out
 
 
 def robust_location_scale(values) -> tuple[float, float]:
@@ -143,7 +114,7 @@ class TrainingMonitor:
                                        fix="choose a folder you can write to, with --output_dir DIR or "
                                            "monitoring.log_dir=DIR") from None
         config = wandb_config.model_dump(mode="json") if hasattr(wandb_config, "model_dump") else wandb_config
-        flat_config = _flatten(config) if config else {}
+        flat_config = flatten_dict(config, scalars=True) if config else {}
         if use_tensorboard:
             from accelerate.tracking import TensorBoardTracker
             tracker = TensorBoardTracker(run_name, self.log_dir / "tensorboard")
@@ -182,7 +153,7 @@ class TrainingMonitor:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_json_safe(record)) + "\n")
+            self._jsonl.write(json.dumps(to_json_data(record, nonfinite="text", default=str)) + "\n")
 
     def _track(self, values: dict[str, Any], step: int) -> None:
         scalars = {}

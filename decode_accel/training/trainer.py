@@ -93,6 +93,13 @@ def _add_terms(sums: dict, terms: dict, weight: float = 1.0) -> dict:
     return sums
 
 
+def _setting(name: str) -> property:
+    """A trainer attribute that reads ``settings.<name>`` and, when set, validates a new ``settings``."""
+    return property(lambda self: getattr(self.settings, name),
+                    lambda self, value: setattr(self, "settings", self.settings.updated(**{name: value})),
+                    doc=f"``settings.{name}`` (assignable, validated)")
+
+
 def batch_to_table(batch: dict, frame_offset: int, px_size_nm: float):
     """Ground-truth localization table (nm) of a batch's central frames; frame = frame_offset + sample index."""
     mask = batch["tgt_mask"].bool().cpu()
@@ -216,21 +223,8 @@ class BaseTrainer:
         """The epoch being trained (0-based; the seed's name for ``epoch``)."""
         return self.epoch
 
-    @property
-    def gradient_clip_val(self) -> float:
-        return self.settings.gradient_clip_val
-
-    @gradient_clip_val.setter
-    def gradient_clip_val(self, value: float) -> None:
-        self.settings = self.settings.updated(gradient_clip_val=value)
-
-    @property
-    def accumulate_grad_batches(self) -> int:
-        return self.settings.accumulate_grad_batches
-
-    @accumulate_grad_batches.setter
-    def accumulate_grad_batches(self, value: int) -> None:
-        self.settings = self.settings.updated(accumulate_grad_batches=value)
+    gradient_clip_val = _setting("gradient_clip_val")
+    accumulate_grad_batches = _setting("accumulate_grad_batches")
 
     @property
     def fit_kwargs(self) -> dict:
@@ -719,7 +713,7 @@ class BaseTrainer:
         path = self.checkpoint_manager.save_checkpoint(
             self.epoch, self.model, self.optimizer, scheduler=self.lr_schedule,
             metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
-            config=_config_dict(self.config), step=self.global_step,
+            config=self.config, step=self.global_step,
             trainer_state=self.trainer_state(epoch_complete), accelerator=self.accelerator)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = path if path is not None else self.last_checkpoint
@@ -841,8 +835,8 @@ class DistillationTrainer(BaseTrainer):
 
 class CurriculumTrainer(BaseTrainer):
     """``BaseTrainer`` + ``CurriculumHook``, with the seed's arguments ``(curriculum_config, *args, **kwargs)``:
-    a list of stages (``end_epoch`` / ``until_epoch`` / ``until_step``, ``learning_rate`` / ``lr``,
-    ``loss_weights``, ``simulation``, ``description``)."""
+    a list of ``CurriculumStage`` models or dicts (``end_epoch`` / ``until_epoch`` / ``until_step``,
+    ``learning_rate`` / ``lr``, ``loss_weights``, ``simulation``, ``description``)."""
 
     def __init__(self, curriculum_config: list, *args, **kwargs):
         self.curriculum_config = curriculum_config
@@ -884,14 +878,6 @@ def _hook_states(saved: dict) -> dict:
                 key = f"{base}#{n}"
         out[key] = state
     return out
-
-
-def _config_dict(config) -> dict | None:
-    if config is None:
-        return None
-    if hasattr(config, "model_dump"):
-        return config.model_dump(mode="json")
-    return dict(config)
 
 
 __all__ = ["BaseTrainer", "MultiChannelTrainer", "DistillationTrainer", "CurriculumTrainer", "AdaptiveLRTrainer",

@@ -2,7 +2,7 @@
 
 ``TrainingConfig`` composes one pydantic section per concern (model, simulation, data, loss, optimizer,
 scheduler, regularization, training strategy, loss scheduling, curriculum, distillation, monitoring,
-checkpointing). Every field states its unit in its description; ``config_reference_markdown()``
+checkpointing, operating point). Every field states its unit in its description; ``config_reference_markdown()``
 turns those descriptions into the README's reference table so the two cannot drift apart.
 
 Loading (``load_config``) supports
@@ -26,13 +26,13 @@ from decode_accel.training.config.loader import load_config, load_config_data, s
 from decode_accel.training.config.reference import config_reference_markdown
 from decode_accel.training.config.sections import (SCHEDULER_TYPES, CheckpointingConfig, CurriculumStage,  # noqa: F401
                                                    DataConfig, DistillationConfig, LossConfig, LossSchedulingConfig,
-                                                   ModelConfig, MonitoringConfig, OptimizerConfig,
-                                                   RegularizationConfig, SchedulerConfig, SimulationConfig,
+                                                   ModelConfig, MonitoringConfig, OperatingPointConfig,
+                                                   OptimizerConfig, RegularizationConfig, SchedulerConfig, SimulationConfig,
                                                    TermSchedule, TrainingConfig, TrainingStrategyConfig)
 
 __all__ = [
     "TrainingConfig", "ModelConfig", "SimulationConfig", "DataConfig", "LossConfig", "OptimizerConfig", "SchedulerConfig",
     "RegularizationConfig", "TrainingStrategyConfig", "TermSchedule", "LossSchedulingConfig",
-    "CurriculumStage", "DistillationConfig", "MonitoringConfig", "CheckpointingConfig",
+    "CurriculumStage", "DistillationConfig", "MonitoringConfig", "CheckpointingConfig", "OperatingPointConfig",
     "load_config", "load_config_data", "save_config", "config_reference_markdown", "SCHEDULER_TYPES",
 ]

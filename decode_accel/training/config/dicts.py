@@ -5,28 +5,38 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._json import to_json_data
 
 
-def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts/lists -> {'a.b.0.c': scalar}; None becomes 'null' so trackers accept it."""
+def flatten_dict(tree: Mapping, prefix: str = "", *, scalars: bool = False) -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``.
+
+    The one dict flattener. Leaves (lists too) are kept as they are and an empty mapping stays a leaf, so
+    the result reads as dotted overrides (a curriculum stage's simulation). With ``scalars`` every leaf is
+    a value that trackers take as a hyper-parameter (TensorBoard rejects nested ones): lists and mappings
+    as JSON text, None as ``"null"``, numpy/torch numbers as Python numbers, other objects as text.
+    """
     out: dict[str, Any] = {}
-    items = d.items() if isinstance(d, dict) else enumerate(d)
-    for k, v in items:
+    for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, (dict, list, tuple)) and len(v) > 0:
-            out.update(flatten_dict(v if not isinstance(v, tuple) else list(v), key + "."))
-        elif isinstance(v, (dict, list, tuple)):
-            out[key] = json.dumps(v)
-        elif v is None:
-            out[key] = "null"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_dict(v, key + ".", scalars=scalars))
         else:
-            out[key] = v
+            out[key] = _hparam(v) if scalars else v
     return out
+
+
+def _hparam(value: Any) -> Any:
+    value = to_json_data(value, nonfinite="keep", default=str)
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def undot(d: dict) -> dict:

@@ -29,6 +29,14 @@ def _suggest(word: str, candidates) -> str:
     return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
 
 
+def _first_error(err: Exception) -> str:
+    """The first problem of a validation error as ``field: message`` (one line)."""
+    if isinstance(err, ValidationError) and err.errors():
+        e = err.errors()[0]
+        return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+    return str(err).splitlines()[0]
+
+
 def _init_params(fn) -> tuple[set[str], set[str]]:
     """(all keyword names, required names) of a constructor, without ``self``/``params``/``optimizer``."""
     sig = inspect.signature(fn)
@@ -349,9 +357,9 @@ class LossSchedulingConfig(StrictModel):
         return v
 
 
-def seed_stage_names(stage: dict) -> dict:
+def _seed_stage_names(stage: dict) -> dict:
     """A curriculum stage with the seed's names (``end_epoch``, ``learning_rate``) as ours (``until_epoch``,
-    ``lr``): the one mapping, used by this section and by ``CurriculumHook``."""
+    ``lr``), applied when a ``CurriculumStage`` is validated."""
     stage = dict(stage)
     if "end_epoch" in stage and "until_epoch" not in stage:
         stage["until_epoch"] = stage.pop("end_epoch")
@@ -361,7 +369,8 @@ def seed_stage_names(stage: dict) -> dict:
 
 
 class CurriculumStage(StrictModel):
-    """One curriculum stage: settings that hold until an epoch or step is reached."""
+    """One curriculum stage: settings that hold until an epoch or step is reached (the one stage type: the
+    config's ``curriculum`` list, ``CurriculumHook`` and ``CurriculumTrainer`` all hold these)."""
 
     until_epoch: Optional[int] = Field(None, ge=1, description="the stage lasts while epoch < until_epoch (epochs)")
     until_step: Optional[int] = Field(None, ge=1, description="the stage lasts while step < until_step (updates)")
@@ -377,7 +386,7 @@ class CurriculumStage(StrictModel):
     @classmethod
     def _seed_names(cls, data):
         # The seed's CurriculumTrainer uses end_epoch and learning_rate.
-        return seed_stage_names(data) if isinstance(data, dict) else data
+        return _seed_stage_names(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _one_end(self) -> "CurriculumStage":
@@ -417,8 +426,32 @@ class CheckpointingConfig(StrictModel):
     save_last: bool = Field(True, description="always keep the most recent checkpoint (for resuming)")
 
 
+class OperatingPointConfig(StrictModel):
+    """What is chosen after training and stored in the export (``decode_accel.pipeline.choose_operating_point``):
+    the detection threshold and the probability calibration, fitted on a simulated tuning movie, and the
+    position corrections fitted on a movie of the training physics."""
+
+    enable: bool = Field(True, description="choose the operating point after training; false skips it (for very "
+                                           "quick runs): the export then keeps the post-processor's default "
+                                           "threshold and the network's own probabilities")
+    frames: Optional[int] = Field(None, ge=1, description="frames of the 64 x 64 px tuning movie (count); null: "
+                                                          "enough for about 2000 true emitter-frames (100 to 500)")
+    simulation: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the simulation section for the tuning movie, nested or "
+                                          "dotted (e.g. emitters.density): the physics the model is meant for "
+                                          "when it trains on raised physics; empty: the training physics")
+
+
 _SHORTCUTS = {"epochs": ("training_strategy", "epochs"), "batch_size": ("data", "batch_size"),
               "learning_rate": ("optimizer", "lr")}
+
+
+def _shortcut(name: str) -> property:
+    """The property ``TrainingConfig.<name>``: reads and writes the section field of :data:`_SHORTCUTS`."""
+    section, field = _SHORTCUTS[name]
+    return property(lambda self: getattr(getattr(self, section), field),
+                    lambda self, value: setattr(getattr(self, section), field, value),
+                    doc=f"``{section}.{field}`` (a top-level shortcut)")
 
 
 class TrainingConfig(StrictModel):
@@ -444,6 +477,9 @@ class TrainingConfig(StrictModel):
     distillation: DistillationConfig = Field(default_factory=DistillationConfig, description="teacher distillation")
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="logging and plots")
     checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig, description="checkpoints")
+    operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig,
+                                                  description="threshold, probability calibration and position "
+                                                              "corrections chosen after training")
 
     @model_validator(mode="before")
     @classmethod
@@ -534,7 +570,13 @@ class TrainingConfig(StrictModel):
                         self.simulation_for_stage(i)
                     except (ValidationError, ValueError, KeyError) as err:
                         problems.append(f"curriculum.{i}.simulation does not fit the simulation section: "
-                                        f"{str(err).splitlines()[0]}")
+                                        f"{_first_error(err)}")
+        if self.operating_point.simulation:
+            try:
+                self.tuning_simulation()
+            except (ValidationError, ValueError, KeyError) as err:
+                problems.append(f"operating_point.simulation does not fit the simulation section: "
+                                f"{_first_error(err)}")
         if problems:  # one per line: load_config reports each on its own line
             raise ValueError("\n".join(problems))
         return self
@@ -580,36 +622,23 @@ class TrainingConfig(StrictModel):
         bg_mean = sum((r[0] + r[1]) / 2 for r in base) / len(base)
         return Scaling.auto(photons_mean, photons_sd, z_extent, (bg_low, bg_high), bg_mean=bg_mean)
 
+    def simulation_with(self, overrides: dict):
+        """The simulation section with ``overrides`` (nested or dotted) applied, validated."""
+        return SimulationConfig.model_validate(deep_merge(self.simulation.model_dump(), undot(overrides)))
+
     def simulation_for_stage(self, index: int):
         """The simulation section with curriculum stage ``index``'s overrides applied (validated)."""
-        stage = self.curriculum[index]
-        merged = deep_merge(self.simulation.model_dump(), undot(stage.simulation))
-        return SimulationConfig.model_validate(merged)
+        return self.simulation_with(self.curriculum[index].simulation)
+
+    def tuning_simulation(self):
+        """The physics of the operating point's tuning movie: the simulation section with
+        ``operating_point.simulation`` applied (validated), or None (the training physics) when that is empty."""
+        return self.simulation_with(self.operating_point.simulation) if self.operating_point.simulation else None
 
     # top-level shortcuts as properties (the seed's example reads and writes them)
-    @property
-    def epochs(self) -> int:
-        return self.training_strategy.epochs
-
-    @epochs.setter
-    def epochs(self, value: int) -> None:
-        self.training_strategy.epochs = value
-
-    @property
-    def batch_size(self) -> int:
-        return self.data.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self.data.batch_size = value
-
-    @property
-    def learning_rate(self) -> float:
-        return self.optimizer.lr
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        self.optimizer.lr = value
+    epochs = _shortcut("epochs")
+    batch_size = _shortcut("batch_size")
+    learning_rate = _shortcut("learning_rate")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (what ``save_config`` writes)."""
@@ -617,7 +646,7 @@ class TrainingConfig(StrictModel):
 
     def flat_dict(self) -> dict[str, Any]:
         """The config flattened to dotted keys with scalar values (for TensorBoard/W&B hparams)."""
-        return flatten_dict(self.to_dict())
+        return flatten_dict(self.to_dict(), scalars=True)
 
 
 def inner_model(annotation):
