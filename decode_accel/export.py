@@ -35,7 +35,7 @@ import torch
 
 import decode_accel
 from decode_accel.errors import DecodeAccelError
-from decode_accel.io._atomic import fsync_tree, swap_folder
+from decode_accel.io._atomic import fsync_tree, give_umask_mode, swap_folder
 from decode_accel.io._json import to_json_data
 from decode_accel.models.config import ARCHITECTURES
 from decode_accel.models.variance import reads_variance
@@ -343,6 +343,7 @@ def export_model(out_dir: str | os.PathLike, model: torch.nn.Module, *, simulati
             net.save_pretrained(tmp)
         finally:
             net.train(was_training)
+        give_umask_mode(tmp / "model.safetensors")  # safetensors writes it 0600: colleagues could not load it
         sim_data = _copy_assets(sim.model_dump(mode="json"), tmp)
         scaling = getattr(net, "_hub_mixin_config", {}).get("scaling")
         if scaling is None and hasattr(getattr(net, "scaling", None), "model_dump"):

@@ -84,3 +84,22 @@ def test_simulated_movies_and_their_tiff_and_ground_truth_are_readable_as_the_um
     for name in ("movie.h5", "movie.tif", "truth.csv"):
         assert mode(tmp_path / name) == UMASKS[umask], name
     no_leftovers(tmp_path)
+
+
+def test_every_file_of_an_export_and_of_a_checkpoint_is_readable_as_the_umask_allows(tmp_path, umask):
+    # safetensors creates its files 0600 whatever the umask: a model a colleague could not load
+    import torch
+
+    from decode_accel.export import export_model
+    from decode_accel.models import SigmaMUNet
+    from decode_accel.simulation import SimulationConfig
+    from decode_accel.training.checkpoint import CheckpointManager
+
+    config = SimulationConfig.model_validate(dict(frame=dict(height=8, width=8)))
+    export = export_model(tmp_path / "export", SigmaMUNet.from_preset("tiny"), simulation_config=config)
+    checkpoint = CheckpointManager(tmp_path / "ckpt").save_checkpoint(0, torch.nn.Conv2d(1, 2, 3), None, metrics={})
+    for folder in (Path(export), Path(checkpoint)):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        assert any(f.name == "model.safetensors" for f in files), folder
+        for f in files:
+            assert mode(f) == UMASKS[umask], f

@@ -41,6 +41,26 @@ def create_temporary_file(target: str | os.PathLike) -> tuple[int, Path]:
     raise FileExistsError(f"no free temporary name next to {target}")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_mode(path: str | os.PathLike) -> None:
+    """Give a file another library created 0600 (safetensors' ``save_file`` does) the mode ``open()`` gives:
+    0666 less the umask."""
+    os.chmod(path, NEW_FILE_MODE & ~current_umask())
+
+
 def temporary_path(target: str | os.PathLike) -> Path:
     """:func:`create_temporary_file`, closed: a path for writers that open the file themselves."""
     fd, tmp = create_temporary_file(target)

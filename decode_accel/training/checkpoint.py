@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.export import unwrap_model
-from decode_accel.io._atomic import fsync_folder, swap_folder
+from decode_accel.io._atomic import fsync_folder, give_umask_mode, swap_folder
 from decode_accel.io._json import to_json_data
 from decode_accel.training.hooks import improved
 
@@ -523,6 +523,7 @@ class CheckpointManager:
         weights = _clean_state_dict(unwrap_model(model, accelerator))
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt",
                                                                       "decode_accel_format": str(FORMAT_VERSION)})
+        give_umask_mode(tmp / "model.safetensors")  # safetensors writes it 0600
         _fsync_path(tmp / "model.safetensors")
         if optimizer is not None:
             _write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict(), "optimizer state"))
