@@ -112,10 +112,10 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
         # the trained model of an earlier run with the same settings; only the operating point is chosen again
         history = json.loads(summary.read_text())
         # the operating_point section acts after training: a model trained before it existed is the same model
-        trained = {k: v for k, v in config.model_dump(mode="json").items() if k != "operating_point"}
-        if {k: v for k, v in (history.get("config") or {}).items() if k != "operating_point"} != trained:
-            raise SystemExit(f"{summary}: --reuse-models found a model trained with another config; "
-                             f"drop --reuse-models or use another --out")
+        changes = pipeline.config_changes(history.get("config"), config, ignore=("operating_point",))
+        if changes:
+            raise SystemExit(f"{summary}: --reuse-models found a model trained with another config "
+                             f"({', '.join(changes[:5])}); drop --reuse-models or use another --out")
         history["learning_curve"] = [tuple(p) for p in history["learning_curve"]]
         history["export_dir"] = run_dir / "export"
         history["operating_point"] = pipeline.choose_operating_point(history["export_dir"],

@@ -219,8 +219,10 @@ def main(argv=None) -> int:
         if args.reuse_models and summary.is_file() and (out / name / "export").is_dir():
             # the model an earlier run trained with the same config (its operating point is in the export)
             history = json.loads(summary.read_text())
-            if history.get("config") != config.model_dump(mode="json"):
-                raise SystemExit(f"{summary}: --reuse-models found a model trained with another config")
+            changes = pipeline.config_changes(history.get("config"), config)
+            if changes:
+                raise SystemExit(f"{summary}: --reuse-models found a model trained with another config "
+                                 f"({', '.join(changes[:5])}); drop --reuse-models or use another --out")
             history["export_dir"] = out / name / "export"
             print(f"reusing the model trained earlier in {out / name} ({history['global_step']} updates)", flush=True)
         else:

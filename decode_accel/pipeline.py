@@ -626,6 +626,37 @@ CPU_TRAINING_OVERRIDES = [
 CPU_PEAK_LR = 2e-3
 
 
+def config_changes(stored: dict, config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys where ``config`` (a TrainingConfig) differs from ``stored`` (the ``model_dump(mode="json")``
+    of the config an earlier run trained with): what makes its model another model.
+
+    A key the stored config lacks (a field added to the config tree after that run) counts as a change only
+    where ``config`` sets it away from its default: the earlier model was trained with the default's
+    behaviour. Top-level sections named in ``ignore`` are skipped (e.g. ``operating_point``, which acts
+    after training).
+    """
+    defaults = type(config)().model_dump(mode="json")
+
+    def walk(old, new, default, prefix: str) -> list[str]:
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes = []
+            for key in sorted(set(old) | set(new)):
+                if not prefix and key in ignore:
+                    continue
+                sub_default = default.get(key) if isinstance(default, dict) else None
+                if key not in old:
+                    if new[key] != sub_default:
+                        changes.append(prefix + key)
+                elif key not in new:
+                    changes.append(prefix + key)
+                else:
+                    changes.extend(walk(old[key], new[key], sub_default, f"{prefix}{key}."))
+            return changes
+        return [] if old == new else [prefix.rstrip(".")]
+
+    return walk(dict(stored or {}), config.model_dump(mode="json"), defaults, "")
+
+
 def update_budget(updates: int, peak_lr: float = CPU_PEAK_LR, warmup: int = 100, steps_per_epoch: int = 100) -> list[str]:
     """Overrides for a run of exactly ``updates`` optimizer updates: linear warm-up over ``warmup`` updates,
     then a cosine decay of the learning rate to 1 % of ``peak_lr`` at the last update.

@@ -118,3 +118,20 @@ def test_a_second_run_with_reuse_models_evaluates_the_same_weights_without_train
     third = subprocess.run(args + ["--reuse-models", "data.batch_size=2"], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=900)
     assert third.returncode != 0 and "another config" in third.stderr
+
+
+def test_a_model_is_reused_only_if_its_config_differs_in_nothing_but_fields_added_at_their_default():
+    from decode_accel.pipeline import config_changes
+    from decode_accel.training.config import load_config
+
+    config = load_config(None, ["optimizer.lr=0.002"])
+    stored = config.model_dump(mode="json")
+    del stored["model"]["variance_input"]  # a run from before these fields existed trained as their defaults do
+    del stored["data"]["val_samples"]
+    assert config_changes(stored, config) == []
+    assert config_changes(stored, load_config(None, ["optimizer.lr=0.002", "data.val_samples=7"])) \
+        == ["data.val_samples"]
+    assert config_changes(stored, load_config(None, ["optimizer.lr=0.001"])) == ["optimizer.lr"]
+    stored["operating_point"]["frames"] = 7
+    assert config_changes(stored, config) == ["operating_point.frames"]
+    assert config_changes(stored, config, ignore=("operating_point",)) == []
