@@ -196,6 +196,27 @@ def test_curriculum_overrides_are_checked_against_the_simulation_section():
         load_config(None, ["curriculum=[{until_epoch: 2, simulation: {emitters.photon_mean: 1}}]"])
 
 
+def test_the_config_and_the_training_stream_read_a_stages_simulation_overrides_alike():
+    """One override applier: a stage the config accepts is the physics the stream simulates. Short names
+    (density, bg) and a density that replaces the section's emitters_per_frame are read as the stream reads them;
+    a misspelt field is refused by name."""
+    from decode_accel.data.stream import apply_overrides
+    from decode_accel.training.config.dicts import flatten_dict
+
+    stages = [{"until_epoch": 2, "simulation": {"density": 2.0}},
+              {"until_epoch": 3, "simulation": {"emitters": {"density": 3.0}}},
+              {"until_epoch": 4, "simulation": {"bg": [5, 10]}}]
+    cfg = TrainingConfig(simulation={"emitters": {"emitters_per_frame": 5.0, "density": None}}, curriculum=stages)
+    first, second, third = (cfg.simulation_for_stage(i) for i in range(3))
+    assert (first.emitters.density, first.emitters.emitters_per_frame) == (2.0, None)
+    assert (second.emitters.density, second.emitters.emitters_per_frame) == (3.0, None)
+    assert third.background.uniform == (5.0, 10.0) and third.emitters.emitters_per_frame == 5.0
+    for i, stage in enumerate(cfg.curriculum):  # the stream applies the hook's flattened overrides to its config
+        assert cfg.simulation_for_stage(i) == apply_overrides(cfg.simulation, flatten_dict(stage.simulation))
+    with pytest.raises(DecodeAccelError, match=r"curriculum\.0\.simulation does not fit.*emitters\.densty"):
+        load_config(None, ["curriculum=[{until_epoch: 2, simulation: {emitters.densty: 1}}]"])
+
+
 def test_seed_loss_scheduler_entries_validate_per_type():
     cfg = TrainingConfig(loss_scheduling={"enable": True, "schedules": {
         "ch1_weight": {"type": "constant", "value": 1.0},

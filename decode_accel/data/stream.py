@@ -143,8 +143,13 @@ class DifficultySchedule:
         return {} if i < 0 else dict(self.stages[i].overrides)
 
 
-def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
-    """A copy of a SimulationConfig with ``overrides`` (dotted paths or :data:`OVERRIDE_ALIASES`) applied, validated."""
+def apply_overrides(config: Any, overrides: Mapping[str, Any], *, where: str = "curriculum.overrides") -> Any:
+    """A copy of a SimulationConfig with ``overrides`` (dotted paths or :data:`OVERRIDE_ALIASES`) applied, validated.
+
+    The one applier of simulation overrides: the training stream's curriculum stages and the config's
+    ``TrainingConfig.simulation_with`` (stage checks, the tuning movie) both use it. ``where`` names the
+    overrides in errors (``curriculum.overrides.<key>``).
+    """
     if not overrides:
         return config
     data = config.model_dump()
@@ -154,11 +159,11 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
         node = data
         for p in parts[:-1]:
             if not isinstance(node, dict) or p not in node:
-                raise DecodeAccelError("unknown simulation field", field=f"curriculum.overrides.{key}",
+                raise DecodeAccelError("unknown simulation field", field=f"{where}.{key}",
                                        fix=f"use a dotted SimulationConfig path or one of {sorted(OVERRIDE_ALIASES)}")
             node = node[p]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise DecodeAccelError("unknown simulation field", field=f"curriculum.overrides.{key}",
+            raise DecodeAccelError("unknown simulation field", field=f"{where}.{key}",
                                    fix=f"use a dotted SimulationConfig path or one of {sorted(OVERRIDE_ALIASES)}")
         node[parts[-1]] = value
         # density and emitters_per_frame are alternatives: setting one clears the other
@@ -170,7 +175,7 @@ def apply_overrides(config: Any, overrides: Mapping[str, Any]) -> Any:
         return type(config).model_validate(data)
     except Exception as err:
         lines = str(err).splitlines()
-        raise DecodeAccelError(f"invalid override ({'; '.join(lines[1:3])})", field="curriculum.overrides") from None
+        raise DecodeAccelError(f"invalid override ({'; '.join(lines[1:3])})", field=where) from None
 
 
 class SimulatedWindowStream(IterableDataset):

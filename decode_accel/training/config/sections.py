@@ -15,11 +15,12 @@ import torch
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from decode_accel.config_base import StrictModel
+from decode_accel.data.stream import apply_overrides
 from decode_accel.errors import DecodeAccelError
 from decode_accel.models.config import ARCHITECTURES, ModelConfig
 from decode_accel.models.scaling import Scaling
 from decode_accel.simulation.config import SimulationConfig
-from decode_accel.training.config.dicts import deep_merge, flatten_dict, undot
+from decode_accel.training.config.dicts import flatten_dict
 
 
 def _suggest(word: str, candidates) -> str:
@@ -568,13 +569,13 @@ class TrainingConfig(StrictModel):
                 if stage.simulation:
                     try:
                         self.simulation_for_stage(i)
-                    except (ValidationError, ValueError, KeyError) as err:
+                    except (ValidationError, ValueError, KeyError, DecodeAccelError) as err:
                         problems.append(f"curriculum.{i}.simulation does not fit the simulation section: "
                                         f"{_first_error(err)}")
         if self.operating_point.simulation:
             try:
                 self.tuning_simulation()
-            except (ValidationError, ValueError, KeyError) as err:
+            except (ValidationError, ValueError, KeyError, DecodeAccelError) as err:
                 problems.append(f"operating_point.simulation does not fit the simulation section: "
                                 f"{_first_error(err)}")
         if problems:  # one per line: load_config reports each on its own line
@@ -595,7 +596,7 @@ class TrainingConfig(StrictModel):
             if stage.simulation:
                 try:
                     sections.append((f"curriculum.{i}.simulation", self.simulation_for_stage(i).frame))
-                except (ValidationError, ValueError, KeyError):
+                except (ValidationError, ValueError, KeyError, DecodeAccelError):
                     pass  # reported with the other curriculum problems
         problems = []
         for prefix, frame in sections:
@@ -622,18 +623,21 @@ class TrainingConfig(StrictModel):
         bg_mean = sum((r[0] + r[1]) / 2 for r in base) / len(base)
         return Scaling.auto(photons_mean, photons_sd, z_extent, (bg_low, bg_high), bg_mean=bg_mean)
 
-    def simulation_with(self, overrides: dict):
-        """The simulation section with ``overrides`` (nested or dotted) applied, validated."""
-        return SimulationConfig.model_validate(deep_merge(self.simulation.model_dump(), undot(overrides)))
+    def simulation_with(self, overrides: dict, where: str = "simulation overrides"):
+        """The simulation section with ``overrides`` (nested or dotted, or the stream's short names such as
+        ``density``) applied, validated: read as the training stream reads a curriculum stage
+        (``data.stream.apply_overrides``); ``where`` names them in errors."""
+        return apply_overrides(self.simulation, flatten_dict(overrides), where=where)
 
     def simulation_for_stage(self, index: int):
         """The simulation section with curriculum stage ``index``'s overrides applied (validated)."""
-        return self.simulation_with(self.curriculum[index].simulation)
+        return self.simulation_with(self.curriculum[index].simulation, where=f"curriculum.{index}.simulation")
 
     def tuning_simulation(self):
         """The physics of the operating point's tuning movie: the simulation section with
         ``operating_point.simulation`` applied (validated), or None (the training physics) when that is empty."""
-        return self.simulation_with(self.operating_point.simulation) if self.operating_point.simulation else None
+        return self.simulation_with(self.operating_point.simulation, where="operating_point.simulation") \
+            if self.operating_point.simulation else None
 
     # top-level shortcuts as properties (the seed's example reads and writes them)
     epochs = _shortcut("epochs")
