@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from decode_accel.errors import DecodeAccelError
+from decode_accel.io._atomic import atomic_path
 from decode_accel.inference.tiling import receptive_field_radius
 
 __all__ = ["OnnxNet", "onnxruntime_available", "default_cache_dir"]
@@ -95,11 +96,9 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str]) -> bytes:
 def _save(folder: Path, files: dict[str, bytes]) -> None:
     """Write the graphs atomically (temporary name + rename); a cache that cannot be written is skipped."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
+            with atomic_path(folder / name) as tmp:  # creates the folder; a unique temporary name per writer
+                tmp.write_bytes(data)
     except OSError:
         pass
 

@@ -43,7 +43,8 @@ from decode_accel.inference.postprocess import PostProcessor
 from decode_accel.inference.render import render
 from decode_accel.inference.tiling import (Stitcher, pad_to_canvas, plan_tiles, receptive_field_radius,
                                            size_multiple)
-from decode_accel.io import write_table
+from decode_accel.io import to_json_data, write_json, write_table
+from decode_accel.io._atomic import atomic_path
 from decode_accel.models.variance import movie_variance, with_variance
 from decode_accel.simulation.camera import Camera, parse_roi
 from decode_accel.simulation.config import CameraConfig
@@ -391,16 +392,9 @@ def _write_outputs(df: pd.DataFrame, outs: list[Path], *, px_size_nm, width, hei
 
 
 def _write_part(df: pd.DataFrame, path: Path) -> None:
-    """One chunk's rows as a parquet part file, written atomically (tmp + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    df.reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """One chunk's rows as a parquet part file, written atomically (``io._atomic.atomic_path``)."""
+    with atomic_path(path) as tmp:
+        df.reset_index(drop=True).to_parquet(tmp, index=False)
 
 
 def _movie_signature(movie: Movie) -> list:
@@ -542,7 +536,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         if is_main:
             if resume and record.exists():
                 old = json.loads(record.read_text())
-                if old.get("settings") != json.loads(json.dumps(settings)):
+                if old.get("settings") != to_json_data(settings):  # the record holds them as write_json wrote them
                     raise DecodeAccelError("the saved progress was made with other settings (movie, frames, model, "
                                            "threshold or camera)", path=record, field="--resume",
                                            fix="rerun with the same settings, or without --resume to start over")
@@ -550,7 +544,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
                 shutil.rmtree(parts_dir)
             parts_dir.mkdir(parents=True, exist_ok=True)
             if not record.exists():
-                _write_json(dict(settings=settings, chunks=chunks, done=[]), record)
+                write_json(dict(settings=settings, chunks=chunks, done=[]), record, indent=1)
         if accelerator is not None:
             accelerator.wait_for_everyone()
         if resume:
@@ -595,7 +589,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
                 if is_main:
                     rec = json.loads((parts_dir / "progress.json").read_text())
                     rec["done"] = sorted(set(rec["done"]) | {i})
-                    _write_json(rec, parts_dir / "progress.json")
+                    write_json(rec, parts_dir / "progress.json", indent=1)
             else:
                 local_tables.append(table)
     finally:
