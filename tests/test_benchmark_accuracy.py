@@ -135,3 +135,34 @@ def test_a_model_is_reused_only_if_its_config_differs_in_nothing_but_fields_adde
     stored["operating_point"]["frames"] = 7
     assert config_changes(stored, config) == ["operating_point.frames"]
     assert config_changes(stored, config, ignore=("operating_point",)) == []
+
+
+def test_the_standard_error_from_frame_blocks_matches_that_of_gaussian_errors():
+    # the RMSE of N Gaussian errors has a relative standard error of 1 / sqrt(2 N): the spread over ten
+    # frame blocks must find it (within the factor its own ten-sample estimate allows)
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+    from decode_accel import pipeline
+    from decode_accel.training.config import load_config
+
+    sim = pipeline.test_simulation(load_config(ROOT / "recipes/configs/benchmark/a_2d_low_density.yaml").simulation)
+    rng = np.random.default_rng(3)
+    n_frames, per_frame = 400, 5
+    truth = pd.DataFrame({"frame": np.repeat(np.arange(n_frames), per_frame),
+                          "x": rng.uniform(500, 5900, n_frames * per_frame),
+                          "y": rng.uniform(500, 5900, n_frames * per_frame), "z": 0.0, "photons": 2000.0})
+    found = truth.copy()
+    found[["x", "y"]] += rng.normal(0.0, 12.0, (len(found), 2))  # nm
+    movie = pipeline.HeldOutMovie(tiff=Path("unused.tif"), truth=truth, bg_per_frame=np.full(n_frames, 30.0),
+                                  seed=0, n_frames=n_frames, height=64, width=64)
+    whole = pipeline.evaluate_table(found, movie, sim)["bright"]
+    spread = accuracy.block_spread(found, movie, sim)
+    for ax in "xy":
+        blocks = spread[f"rmse_over_crlb_{ax}"]
+        assert len(blocks["blocks"]) == accuracy.N_BLOCKS
+        expected = whole[f"rmse_over_crlb_{ax}"] / np.sqrt(2 * len(truth))
+        assert 0.4 * expected < blocks["standard_error"] < 2.5 * expected, (ax, blocks["standard_error"], expected)
+        assert abs(spread[f"bias_{ax}"]["standard_error"] - 12.0 / np.sqrt(len(truth))) < 0.6 * 12.0 / np.sqrt(len(truth))
