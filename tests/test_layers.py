@@ -4,7 +4,7 @@ The rooms are ordered from the bottom (imported by everything) to the top (impor
 may import its own room and the rooms of lower layers, never a room of its own layer or of a higher one.
 The order is the one of docs/architecture.md ("Layers"), which says why each room stands where it does.
 An import inside a function is allowed for optional or heavy dependencies only, with a comment on its
-line (or the line above) saying why; internal modules are checked here.
+line (or the line above) saying why; every such import is checked, of internal modules and of others.
 
 Every check reads the source with ``ast`` (nothing is imported), so a back-arrow hidden in a function
 that no test runs is found too. The functions take the package folder, so the same checks can be run on
@@ -175,6 +175,42 @@ def hidden_imports(package: Path = PACKAGE) -> list[str]:
             if imp.in_function and not imp.commented]
 
 
+def function_imports(package: Path = PACKAGE) -> list[tuple[str, int, str, bool]]:
+    """Every import statement inside a function, internal or not: (module, line, imported module, commented)."""
+    found = []
+    for module, path in _modules(package).items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+
+        def visit(node, in_function: bool):
+            for child in ast.iter_child_nodes(node):
+                inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                    name = child.names[0].name if isinstance(child, ast.Import) else \
+                        "." * child.level + (child.module or "")
+                    above = lines[child.lineno - 2].strip() if child.lineno > 1 else ""
+                    found.append((module, child.lineno, name, "#" in lines[child.lineno - 1] or above.startswith("#")))
+                visit(child, inside)
+
+        visit(ast.parse("\n".join(lines)), False)
+    return found
+
+
+def unexplained_function_imports(package: Path = PACKAGE) -> list[str]:
+    """Imports inside functions (of any module) without a comment saying why."""
+    return [f"{module}:{line} -> {name}" for module, line, name, commented in function_imports(package)
+            if not commented]
+
+
+#: (importing module, imported module) of imports inside functions still without their reason, in files another
+#: engineer was editing when the check came (issue 13): give each its comment (or move it to the top) and remove
+#: it here. Nothing else may join this list.
+NOT_YET_EXPLAINED = {
+    ("decode_accel.pipeline", "tqdm.auto"), ("decode_accel.pipeline", "tifffile"),
+    ("decode_accel.pipeline", "tempfile"), ("decode_accel.pipeline", "matplotlib"),
+    ("decode_accel.pipeline", "matplotlib.pyplot"), ("decode_accel.inference.postprocess", "scipy.optimize"),
+}
+
+
 # ----------------------------------------------------------------------------------------------------- tests
 def test_every_room_of_the_package_has_a_layer():
     rooms = {room(m) for m in _modules(PACKAGE)}
@@ -193,6 +229,12 @@ def test_no_internal_module_is_imported_inside_a_function_without_a_reason():
     assert hidden_imports() == []
 
 
+def test_every_import_inside_a_function_says_why():
+    unexplained = [f"{module}:{line} -> {name}" for module, line, name, commented in function_imports()
+                   if not commented and (module, name) not in NOT_YET_EXPLAINED]
+    assert unexplained == [], "say why on the import's line (optional or heavy), or import it at the top"
+
+
 def test_the_checks_find_a_back_arrow_a_loop_and_a_hidden_import(tmp_path):
     """The checks themselves: a tiny package with one of each is caught."""
     pkg = tmp_path / "decode_accel"
@@ -204,22 +246,29 @@ def test_the_checks_find_a_back_arrow_a_loop_and_a_hidden_import(tmp_path):
     (pkg / "data" / "hdf5.py").write_text("from decode_accel.training.config import load_config\n")
     (pkg / "training" / "config.py").write_text("def f():\n    from decode_accel.training import trainer\n")
     (pkg / "training" / "trainer.py").write_text("from decode_accel.training.config import f\n"
-                                                 "def g():\n    # optional: heavy\n    import decode_accel.data\n")
+                                                 "def g():\n    # optional: heavy\n    import decode_accel.data\n"
+                                                 "def h():\n    import json\n    import yaml  # heavy\n")
     assert back_arrows(pkg) == ["decode_accel.data.hdf5:1 -> decode_accel.training.config "
                                 "(data imports training, a higher layer)"]
     assert loops(pkg) == [["decode_accel.training.config", "decode_accel.training.trainer"]]
     assert hidden_imports(pkg) == ["decode_accel.training.config:2 -> decode_accel.training.trainer"]
+    assert unexplained_function_imports(pkg) == ["decode_accel.training.config:2 -> decode_accel.training",
+                                                  "decode_accel.training.trainer:6 -> json"]
 
 
 if __name__ == "__main__":  # report on another tree: python tests/test_layers.py PATH/TO/decode_accel
     where = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else PACKAGE
     found = imports(where)
     arrows, cycles, hidden = back_arrows(where), loops(where), hidden_imports(where)
+    inner, unexplained = function_imports(where), unexplained_function_imports(where)
     print(f"{len(found)} internal imports, {sum(i.in_function for i in found)} inside functions "
-          f"({len(hidden)} without a comment); {len(arrows)} back-arrows; {len(cycles)} loops")
+          f"({len(hidden)} without a comment); {len(arrows)} back-arrows; {len(cycles)} loops; "
+          f"{len(inner)} imports of any module inside functions ({len(unexplained)} without a comment)")
     for line in arrows:
         print("back-arrow:", line)
     for cycle in cycles:
         print("loop:", " <-> ".join(cycle))
     for line in hidden:
         print("hidden:", line)
+    for line in unexplained:
+        print("unexplained:", line)

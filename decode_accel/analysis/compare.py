@@ -31,7 +31,7 @@ def _picasso_camera(camera, shape: tuple[int, int], roi_origin=None) -> tuple[di
     Picasso's gain map is ADU per photoelectron (Huang et al. 2013), the reciprocal of
     decode_accel's e_per_adu map; its ``Sensitivity`` is e-/ADU; its photons are photoelectrons.
     """
-    import torch
+    import torch  # only for a decode_accel Camera: postprocess on a table never loads torch
 
     cfg = camera.cfg
     H, W = shape
@@ -61,7 +61,7 @@ def noise_net_gradient(movie_adu: np.ndarray, box: int = 7, false_per_frame: flo
     value is the net gradient above which the spot-free copy gives ``false_per_frame`` detections
     per frame.
     """
-    from picasso import localize
+    from picasso import localize  # optional: picassosr (the 'bench' extra)
 
     rng = np.random.default_rng(seed)
     T = movie_adu.shape[0]
@@ -91,7 +91,7 @@ def picasso_localize(movie_adu: np.ndarray, camera, px_size_nm: float, *, box: i
         (photons/px), x_sigma, y_sigma (nm, Picasso's CRLB), sigma_psf (nm), net_gradient; attrs hold
         min_net_gradient.
     """
-    from picasso import gaussmle, localize
+    from picasso import gaussmle, localize  # optional: picassosr (the 'bench' extra)
 
     movie = np.asarray(movie_adu)
     if movie.ndim != 3:
@@ -131,7 +131,7 @@ def picasso_localize(movie_adu: np.ndarray, camera, px_size_nm: float, *, box: i
 def _one_way(a: pd.DataFrame, b: pd.DataFrame, radius_nm: float) -> tuple[float, float, int]:
     """Share of a's bright localizations (photons above a's median) with a b-localization within
     ``radius_nm`` in the same frame, the mean distance of those pairs (nm), and the number of bright ones."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy: scipy.spatial, only for the comparison
 
     if len(a) == 0:
         return float("nan"), float("nan"), 0

@@ -22,7 +22,9 @@ import math
 import os
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
+import yaml
 
 from decode_accel.errors import DecodeAccelError
 from .spots import cut_rois, detect_spots, fit_spots
@@ -104,8 +106,6 @@ def from_decode(sigma_0: float, foc_shift: float, rl_range: float,
 def from_thunderstorm(path_or_mapping, z_span: tuple[float, float] | None = None) -> AstigmaticCalibration:
     """ThunderSTORM's astigmatism calibration (YAML of ``DaostormCalibration``: w01, c1, d1, a1, b1 for
     x = columns, w02, ... for y; angle 0), or a mapping with those keys. Widths in px, z in nm."""
-    import yaml
-
     where = None
     data = path_or_mapping
     if isinstance(data, (str, os.PathLike)):
@@ -197,8 +197,6 @@ def _mat_get(obj, name):
 def _h5_value(f, node):
     """A MATLAB v7.3 (HDF5) node as numpy: datasets read (MATLAB stores them transposed), the first
     element of a reference array followed; groups are returned as they are."""
-    import h5py
-
     if isinstance(node, h5py.Group):
         return node
     data = node[()]
@@ -211,8 +209,6 @@ def _h5_value(f, node):
 
 def _smap_zfit_from_file(where: str, index: int):
     """(gauss_zfit vector or None, number of SXY entries) from a SMAP *_3dcal.mat, v5/v7 or v7.3."""
-    import h5py
-
     if h5py.is_hdf5(where):  # MATLAB -v7.3: HDF5 with a 512-byte header block
         with h5py.File(where, "r") as f:
             if "SXY" in f:
@@ -232,7 +228,7 @@ def _smap_zfit_from_file(where: str, index: int):
                 node = f["gauss_zfit"]
                 return (None if node.attrs.get("MATLAB_empty", 0) else np.asarray(node[()]).reshape(-1)), 1
             return None, 0
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # only for SMAP .mat files
 
     mat = loadmat(where, squeeze_me=True, struct_as_record=False)
     if "SXY" in mat:
@@ -315,7 +311,7 @@ def fit_bead_stack(stack: np.ndarray, z_step: float, *, z0_plane: float | None =
         read_var: (H, W) read-noise variance (e-²) for the sCMOS correction.
         min_photons: drop plane fits below this signal (e-).
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import curve_fit  # heavy: scipy.optimize is slow to import, only the fit needs it
 
 
     stack = np.asarray(stack, dtype=np.float64)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.inference.movie import open_movie
@@ -347,7 +348,7 @@ def calibrate(movie_path: str | os.PathLike, *, px_size: float | None = None, ca
                         "all molecules: detection misses the dim ones"))
     est.append(Estimate("photons sd", p_sd, p_sd / math.sqrt(2 * len(photons)), "photons", "estimated",
                         f"skewness {skew:.2f} -> {dist}"))
-    from scipy import ndimage
+    from scipy import ndimage  # heavy: scipy.ndimage is slow to import, only this step needs it
 
     frame_bg = np.median(electrons.reshape(T, -1), axis=1) / qe_
     bg_fit = fits.bg / qe_
@@ -429,9 +430,6 @@ def _read_stack(path: str) -> np.ndarray:
 
 def write_config(result: CalibrationResult, out: str | os.PathLike) -> None:
     """Write the ``simulation:`` section (YAML, loadable with ``--config``) with the table as a comment."""
-    import yaml
-
-
     data = {"simulation": result.simulation.model_dump(mode="json")}
     head = [f"# written by decode-accel calibrate from {result.movie_path} on "
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
@@ -463,11 +461,11 @@ def comparison_figure(result: CalibrationResult, path: str | os.PathLike, seed: 
     (KS of the spot photons fitted the same way in both), ``counts_real``, ``counts_sim`` (mean
     detections per frame).
     """
-    import matplotlib
+    import matplotlib  # heavy: matplotlib only for the report figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.stats import ks_2samp
+    import matplotlib.pyplot as plt  # heavy: pyplot is slow to import, only for the report figure
+    from scipy.stats import ks_2samp  # heavy: scipy.stats is slow to import, only the figure needs it
 
 
 

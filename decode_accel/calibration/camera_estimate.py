@@ -49,7 +49,7 @@ class MeanVarianceFit:
 
 def background_mask(movie_adu: np.ndarray, sigma: float = 1.0, threshold: float = 4.0, grow: int = 3) -> np.ndarray:
     """(H, W) bool: pixels never near a spot in any frame (DoG maxima above ``threshold`` robust sd)."""
-    from scipy import ndimage
+    from scipy import ndimage  # heavy: scipy.ndimage is slow to import, only this step needs it
 
 
     T, H, W = movie_adu.shape

@@ -69,7 +69,7 @@ def detect_spots(frames: np.ndarray, sigma: float = 1.0, threshold: float = 5.0,
     Returns:
         int64 array (n, 3): frame, row, column of each candidate.
     """
-    from scipy import ndimage
+    from scipy import ndimage  # heavy: scipy.ndimage is slow to import, only this step needs it
 
     frames = np.asarray(frames, dtype=np.float64)
     out = []
@@ -90,7 +90,7 @@ def detect_spots(frames: np.ndarray, sigma: float = 1.0, threshold: float = 5.0,
 def isolated(cands: np.ndarray, min_distance: float, shape: tuple[int, int], margin: int) -> np.ndarray:
     """Boolean mask of candidates with no other candidate of the same frame closer than ``min_distance`` px
     and at least ``margin`` px from the frame edge."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy: scipy.spatial, only for pairing spots
 
     keep = np.ones(len(cands), bool)
     H, W = shape

@@ -47,8 +47,8 @@ def hdf5_to_arrow(source: str | os.PathLike | MovieFile, save_dir: str | os.Path
     Returns:
         ``datasets.Dataset`` with one row per frame, formatted as numpy.
     """
-    import datasets
-    import pyarrow as pa
+    import datasets  # heavy: datasets is slow to import (seconds), only the Arrow path needs it
+    import pyarrow as pa  # with datasets, on the Arrow path only
 
     movie = source if isinstance(source, MovieFile) else read_hdf5(source)
     n, c, h, w = movie.frames.shape
@@ -97,7 +97,7 @@ class ArrowWindowDataset(Dataset):
     """
 
     def __init__(self, dataset: Any, *, photon_min: float | None = None):
-        import datasets
+        import datasets  # heavy: datasets is slow to import (seconds), only the Arrow path needs it
 
         if isinstance(dataset, (str, os.PathLike)):
             dataset = datasets.load_from_disk(str(dataset))

@@ -44,6 +44,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pandas as pd
+import tifffile
 import torch
 
 from decode_accel import __version__
@@ -398,8 +399,6 @@ def export_tiff_and_csv(source: str | os.PathLike | MovieFile, tiff_path: str | 
         tiff_path: destination of the movie (.tif).
         csv_path: destination of the ground truth (.csv).
     """
-    import tifffile
-
     movie = source if isinstance(source, MovieFile) else read_hdf5(source)
     tiff_path, csv_path = Path(tiff_path), Path(csv_path)
     frames = movie.frames

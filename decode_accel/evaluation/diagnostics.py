@@ -191,10 +191,10 @@ def bias_by_true_value(gt: pd.DataFrame, pred: pd.DataFrame, column: str = "z", 
 def plot_trust(path: str | Path, gridding: dict, detection: dict | None, uncertainty: dict | None,
                title: str = "") -> Path:
     """One PNG: sub-pixel histograms (x, y; prediction and truth), detection and uncertainty reliability."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib only for the trust figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: pyplot is slow to import, only for the trust figure
 
     path = Path(path)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))

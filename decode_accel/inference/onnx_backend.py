@@ -126,7 +126,7 @@ class OnnxNet:
     def __init__(self, net: torch.nn.Module, *, threads: int | None = None, spinning: bool = False,
                  cache_dir: str | os.PathLike | None | bool = True):
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # optional: the 'onnx' extra
         except ImportError:
             raise DecodeAccelError("the ONNX backend needs onnxruntime", field="backend",
                                    fix="pip install onnxruntime (or the 'onnx' extra), or use backend='torch'") from None

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
+import yaml
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.export import load_exported
@@ -130,7 +132,6 @@ def _load_camera(camera: Any, frame_shape: tuple[int, int] | None = None):
         path = Path(camera)
         if not path.exists():
             raise DecodeAccelError("camera file not found", path=path, field="--camera")
-        import yaml
         try:
             camera = yaml.safe_load(path.read_text())
         except Exception as exc:
@@ -360,7 +361,7 @@ def _release_after_part() -> None:
     hold. Without it a 1200-frame run of 256 x 256 (1000-frame chunks) sat about 50 MiB higher after its
     first part file and peaked 69 MiB above a 300-frame run; in one chunk it peaked 2 MiB below (issue 11.3)."""
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # pyarrow is the part writer's (pandas' parquet engine); no pyarrow, no pool to trim
         pa.default_memory_pool().release_unused()
     except Exception:  # noqa: BLE001 - an older pyarrow without release_unused: only the heap trim
         pass
@@ -557,7 +558,6 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
         my_chunks = list(range(len(chunks)))
     todo = [i for i in my_chunks if i not in done]
 
-    from tqdm.auto import tqdm
     bar = tqdm(total=sum(chunks[i][1] - chunks[i][0] for i in todo), unit="frame",
                disable=not (progress and is_main), desc="predict")
     local_tables: list[pd.DataFrame] = []
@@ -601,7 +601,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
 
     if parts_dir is None:
         if accelerator is not None and accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+            from accelerate.utils import gather_object  # heavy: accelerate, only when several processes predict
             local_tables = gather_object(local_tables)
         return _with_attrs(_merge(local_tables), resolved, movie)
 

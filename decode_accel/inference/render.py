@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tifffile
 
 from decode_accel.errors import DecodeAccelError
 
@@ -144,7 +145,6 @@ def save_image(img: np.ndarray, path: str | os.PathLike, *, percentile: float = 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        import tifffile
         tifffile.imwrite(path, np.asarray(img, dtype=np.float32))
     elif suffix == ".png":
         from matplotlib import image as mpl_image  # no pyplot: works without a display

@@ -111,7 +111,7 @@ def load_pretrained(path_or_repo: str | os.PathLike, **kwargs: Any) -> nn.Module
             raise DecodeAccelError("no config.json in the model folder", path=folder,
                                    fix="point to a folder written by save_pretrained")
     else:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # only for a Hub id: huggingface_hub costs ~0.3 s at start-up
 
         config_file = Path(hf_hub_download(str(path_or_repo), "config.json"))
     try:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
+import yaml
+
 from decode_accel.io import CSV_SUFFIXES, HDF5_SUFFIXES, read_table, yaml_path
 from decode_accel.napari.layers import points_layer_data
 
@@ -26,7 +29,6 @@ def _is_thunderstorm_csv(path: Path) -> bool:
 
 def _is_picasso_hdf5(path: Path) -> bool:
     try:
-        import h5py
         with h5py.File(path, "r") as f:
             return "locs" in f
     except (OSError, ValueError):
@@ -55,7 +57,6 @@ def _picasso_pixel_size(path: Path) -> float | None:
     ypath = yaml_path(path)
     if not ypath.is_file():
         return None
-    import yaml
     try:
         for doc in yaml.safe_load_all(ypath.read_text(encoding="utf-8")):
             if isinstance(doc, dict) and isinstance(doc.get("Pixelsize"), (int, float)):

@@ -58,7 +58,7 @@ class PredictWidget(Container):
     """Dock widget: movie layer + model -> localizations, render, probability map (see module doc)."""
 
     def __init__(self, napari_viewer):
-        import napari
+        import napari  # optional (the 'napari' extra): imported when a viewer builds the widget
 
         self.viewer = napari_viewer
         self.image = create_widget(annotation=napari.layers.Image, label="movie")
@@ -125,7 +125,7 @@ class PredictWidget(Container):
         """Start a prediction (``model``: an ExportedModel or folder/Hub id overriding the model field).
 
         Returns the worker (``napari.qt.threading.GeneratorWorker``), or None when it could not start."""
-        from napari.qt.threading import create_worker
+        from napari.qt.threading import create_worker  # optional: the 'napari' extra, as above
 
         if self.worker is not None:
             return self.worker
@@ -201,7 +201,7 @@ class PredictWidget(Container):
         self.error = error_line(exc)
         self.status.value = self.error
         try:
-            from napari.utils.notifications import show_error
+            from napari.utils.notifications import show_error  # optional: the 'napari' extra, as above
             show_error(self.error)
         except Exception:  # noqa: BLE001 - a notification must never hide the message in the widget
             pass
@@ -215,7 +215,7 @@ class PredictWidget(Container):
 
     # ------------------------------------------------------------------ layers
     def _add(self, layer_data):
-        from napari.layers import Layer
+        from napari.layers import Layer  # optional: the 'napari' extra, as above
         layer = Layer.create(*layer_data)
         self.viewer.add_layer(layer)
         return layer
@@ -233,7 +233,7 @@ class PredictWidget(Container):
     def update_probability_map(self, frame: int | None = None):
         """(Re)compute the detection-probability layer for ``frame`` (default: the frame under the slider)
         in a worker; returns the worker, or None when there is nothing to do."""
-        from napari.qt.threading import create_worker
+        from napari.qt.threading import create_worker  # optional: the 'napari' extra, as above
 
         if self._closed or self.exported is None or self._inputs is None or self.p_worker is not None:
             return None

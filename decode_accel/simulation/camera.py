@@ -7,9 +7,12 @@ the network sees at training and at inference.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 
 import numpy as np
+import tifffile
 import torch
 
 from decode_accel.errors import DecodeAccelError
@@ -47,8 +50,6 @@ def _read_array(path: str, field: str, npz_key: str | None = None) -> np.ndarray
         elif low.endswith(".npy"):
             arr = np.load(path)
         else:
-            import tifffile
-
             arr = tifffile.imread(path)
     except DecodeAccelError:
         raise
@@ -293,8 +294,6 @@ class Camera:
 
     def with_roi(self, origin: tuple[int, int]) -> "Camera":
         """The same camera (maps shared, not re-read) whose default frames' place on the maps is ``origin`` (row, col)."""
-        import copy
-
         other = copy.copy(self)
         other.roi_origin = (int(origin[0]), int(origin[1]))
         other.cfg = self.cfg.model_copy(update={"roi_origin": other.roi_origin})
@@ -370,10 +369,6 @@ def roi_origin_from_metadata(path: str | os.PathLike) -> tuple[int, int] | None:
     Reads the ``ROI`` entry ("x-y-width-height" or [x, y, width, height], camera px) of the
     Micro-Manager summary or of the first frame's ``MicroManagerMetadata`` tag.
     """
-    import json
-
-    import tifffile
-
     def parse(roi):
         if isinstance(roi, str):
             parts = roi.replace(",", "-").split("-")

@@ -219,7 +219,7 @@ def _cubic_interp_matrix(n: int) -> np.ndarray:
     Returns M of shape (4, n-1, n): coefficient of t^p in cell c (t in [0, 1)) is sum_m M[p, c, m] v[m].
     Not-a-knot end conditions (scipy's default); n >= 4 needed for a true cubic.
     """
-    from scipy.interpolate import CubicSpline
+    from scipy.interpolate import CubicSpline  # only for a spline PSF
 
     cs = CubicSpline(np.arange(n, dtype=np.float64), np.eye(n), axis=0)
     # cs.c: (4, n-1, n), highest power first
@@ -257,7 +257,7 @@ def save_smap_calibration(path: str | os.PathLike, coeff: np.ndarray, x0: float,
         z0: spline plane coordinate of z = 0 (planes).
         dz: plane spacing (nm).
     """
-    from scipy.io import savemat
+    from scipy.io import savemat  # only for SMAP .mat files
 
     savemat(os.fspath(path), {"SXY": {"cspline": {"coeff": np.asarray(coeff, dtype=np.float32), "x0": float(x0),
                                                   "z0": float(z0), "dz": float(dz)}}})
@@ -277,7 +277,7 @@ def load_smap_calibration(path: str | os.PathLike) -> dict:
     A multi-channel calibration (SXY array) gives its first channel; a coefficient cell array its
     first cell.
     """
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # only for SMAP .mat files
 
     path = os.fspath(path)
     if not os.path.exists(path):

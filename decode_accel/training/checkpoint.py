@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 from decode_accel.errors import DecodeAccelError
@@ -168,7 +169,6 @@ def _broadcast(obj, accelerator):
     """Main process's ``obj`` on every process (identity when single-process)."""
     if accelerator is None or accelerator.num_processes == 1:
         return obj
-    from accelerate.utils import broadcast_object_list
     box = [obj]
     broadcast_object_list(box, from_process=0)
     return box[0]

@@ -41,6 +41,7 @@ after this update); ``trainer.veto_update(flag, on_veto)`` votes to drop the upd
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections import deque
@@ -110,8 +111,6 @@ class Hook:
 
 def check_hook(hook) -> None:
     """One-line error unless ``hook`` is a ``Hook`` whose ``on_*`` methods are all events of ``EVENTS``."""
-    import difflib
-
     if not isinstance(hook, Hook):
         raise DecodeAccelError(f"{type(hook).__name__} is not a Hook", field="hooks",
                                fix="subclass decode_accel.training.Hook and override its on_* events")

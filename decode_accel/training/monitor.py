@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from accelerate.tracking import TensorBoardTracker, WandBTracker
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.models.variance import network_input
@@ -116,7 +117,6 @@ class TrainingMonitor:
         config = wandb_config.model_dump(mode="json") if hasattr(wandb_config, "model_dump") else wandb_config
         flat_config = flatten_dict(config, scalars=True) if config else {}
         if use_tensorboard:
-            from accelerate.tracking import TensorBoardTracker
             tracker = TensorBoardTracker(run_name, self.log_dir / "tensorboard")
             tracker.start()
             self.trackers.append(tracker)
@@ -128,7 +128,6 @@ class TrainingMonitor:
                     tracker.store_init_configuration(flat_config)
 
     def _start_wandb(self, project: str | None, flat_config: dict):
-        from accelerate.tracking import WandBTracker
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.log_dir / "wandb")
         wandb_dir.mkdir(parents=True, exist_ok=True)
         tracker = WandBTracker(project or "decode_accel", dir=os.fspath(wandb_dir), name=self.run_name,
@@ -374,7 +373,7 @@ class TrainingMonitor:
         """Send a written PNG to the trackers that show images (TensorBoard, W&B)."""
         if step is None or not self.trackers:
             return
-        import matplotlib.image as mpimg
+        import matplotlib.image as mpimg  # heavy: matplotlib only for plots
         image = mpimg.imread(path)[..., :3]  # (H, W, 3) floats in [0, 1]
         for tracker in self.trackers:
             if hasattr(tracker, "log_images"):
@@ -385,9 +384,9 @@ class TrainingMonitor:
         """PNG of the logged losses (batch and epoch, train and val), the learning rate and the other
         validation metrics over steps. Default path ``log_dir/plots/training_curves.png``; with
         ``step`` the image is also sent to the trackers."""
-        import matplotlib
+        import matplotlib  # heavy: matplotlib only for plots
         matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: pyplot is slow to import, only for plots
 
         path = self._plot_path(path, "training_curves.png")
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -449,9 +448,9 @@ class TrainingMonitor:
             path: output PNG; default ``log_dir/plots/predictions.png``.
             step: when given, the image is also sent to the trackers at this step.
         """
-        import matplotlib
+        import matplotlib  # heavy: matplotlib only for plots
         matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # heavy: pyplot is slow to import, only for plots
 
         batch = batch_or_loader if isinstance(batch_or_loader, Mapping) else next(iter(batch_or_loader))
         path = self._plot_path(path, "predictions.png")

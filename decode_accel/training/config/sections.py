@@ -87,8 +87,6 @@ class DataConfig(StrictModel):
         """The simulator's device: 'auto' is 'cuda' when a GPU is present and num_workers is 0, else 'cpu'."""
         if self.sim_device != "auto":
             return self.sim_device
-        import torch
-
         return "cuda" if torch.cuda.is_available() and self.num_workers == 0 and self.data_path is None else "cpu"
 
     def label_min_photons(self, simulation: Any = None) -> float:
