@@ -190,6 +190,10 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
     grid = ours["trust"]["gridding"]
     print("gridding, chi2/dof of the sub-pixel fractions (1 = flat): "
           + ", ".join(f"{w} {a} {grid[f'{w}_{a}']['chi2_per_dof']:.2f}" for w in ("pred", "truth") for a in ("x", "y")))
+    for axis, r in grid.get("bias_by_subpixel", {}).items():
+        print(f"mean {axis} error (nm) in tenths of a pixel of the true {axis}: "
+              + " ".join(f"{b:+.2f}" for b in r["bias"]) + f" (standard errors ~{np.nanmedian(r['standard_error']):.2f}, "
+              f"largest |bias| / its standard error {r['largest_z']:.1f})")
     zbins = ours["trust"].get("z_bias_by_true_z")
     if zbins:
         print("z bias in bins of true z (nm): " + ", ".join(

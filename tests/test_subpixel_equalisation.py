@@ -159,3 +159,21 @@ def test_the_operating_point_scales_a_too_wide_ratio_sigma_to_68_percent_coverag
     point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
     assert point["ratio_sigma_scale"] == pytest.approx(0.25, rel=0.05)      # 0.01 / 0.04
     assert load_exported(export).operating_point["ratio_sigma_scale"] == point["ratio_sigma_scale"]
+
+
+def test_the_position_dependent_bias_by_tenth_of_a_pixel_is_measured_in_nm():
+    # a known pull of 2 nm * sin(2 pi fraction) on x, none on y, plus 5 nm of noise: the benchmark's gridding
+    # figure in nm must give back the pull in every tenth of a pixel, and nothing on y
+    from decode_accel.pipeline import subpixel_bias
+
+    rng = np.random.default_rng(11)
+    n, px = 40000, 100.0
+    truth = pd.DataFrame({"frame": np.arange(n) // 4, "x": rng.uniform(200, 6200, n), "y": rng.uniform(200, 6200, n)})
+    pull = 2.0 * np.sin(2 * np.pi * np.mod(truth["x"] / px, 1.0))
+    found = truth.assign(x=truth["x"] + pull + rng.normal(0, 5.0, n), y=truth["y"] + rng.normal(0, 5.0, n))
+    r = subpixel_bias(truth, found, px)
+    centres = np.arange(10) / 10 + 0.05
+    expected = 2.0 * np.sin(2 * np.pi * centres) * np.sinc(0.1)  # the mean of the sine over each tenth
+    assert np.allclose(r["x"]["bias"], expected, atol=4 * 5.0 / np.sqrt(n / 10))
+    assert r["x"]["largest_z"] > 10
+    assert np.all(np.abs(r["y"]["bias"]) < 4 * 5.0 / np.sqrt(n / 10)) and r["y"]["largest_z"] < 4
