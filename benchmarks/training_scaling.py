@@ -14,7 +14,10 @@ machine is noisy, the median is reported):
 
 Samples/s are global: all processes' samples over the slowest rank's timed wall time. The scaling efficiency is
 ``samples/s(2p x 1t) / (2 x samples/s(1p x 1t))`` (perfect per-process scaling = 1) and
-``samples/s(2p x 1t) / samples/s(1p x 2t)`` (processes against threads on the same cores).
+``samples/s(2p x 1t) / samples/s(1p x 2t)`` (processes against threads on the same cores). On a machine other
+jobs load, wall-clock rates follow the share of the cores each run got (reported per run as ``cores used``,
+CPU-seconds over wall seconds); samples per CPU-second (all processes and threads) do not, and their ratio
+between 2 processes and 1 process x 1 thread is what the second process costs in work.
 
 Every rank records the ``sample_index`` (the stream's global sample index, data/stream.py) of each batch it
 trained on and a SHA-256 fingerprint of its first batch's frames; a 2-process run counts only if both ranks
@@ -220,6 +223,8 @@ def run_configuration(name: str, processes: int, threads: int, *, preset: str, f
             "samples_per_s": timed * batch * processes / slowest, "timed_seconds": slowest,
             "cpu_seconds": sum(r["cpu_seconds"] for r in ranks),
             "samples_per_cpu_second": timed * batch * processes / sum(r["cpu_seconds"] for r in ranks),
+            # cores the run got on average (CPU-seconds over wall seconds): shows how much the load took from it
+            "cores_used": sum(r["cpu_seconds"] for r in ranks) / slowest,
             "launch_wall_seconds": wall,
             # seconds from the launch to each rank's process start, its trainer built, its clock started
             "startup_seconds_per_rank": [{k: round(v - launched_at, 2) for k, v in r["moments"].items()}
@@ -292,9 +297,10 @@ def main(argv=None) -> int:
     print(f"\ntraining scaling on CPU ({os.cpu_count()} cores): {args.preset}, {args.frame}x{args.frame} px, batch "
           f"{args.batch} per process, {args.updates} timed updates after {args.warmup}, median of {args.repeats}")
     print(f"{'configuration':<14}{'processes':>10}{'threads/proc':>14}{'samples/s':>11}{'samples/CPU-s':>15}"
-          f"   samples/s of each run")
+          f"   samples/s (cores used) of each run")
     for name, processes, threads in CONFIGURATIONS:
-        each = ", ".join(f"{r['samples_per_s']:.2f}" for r in runs if r["configuration"] == name)
+        each = ", ".join(f"{r['samples_per_s']:.2f} ({r['cores_used']:.2f})"
+                         for r in runs if r["configuration"] == name)
         print(f"{name:<14}{processes:>10}{threads:>14}{med[name]:>11.2f}{work[name]:>15.2f}   {each}")
     print(f"scaling efficiency, baseline 2 x (1 process x 1 thread): "
           f"{100 * summary['efficiency_vs_2x_one_process_one_thread']:.0f} %")

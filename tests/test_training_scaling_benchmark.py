@@ -41,6 +41,7 @@ def test_the_scaling_benchmark_runs_one_and_two_processes_on_disjoint_samples(tm
         assert r["processes"] == processes and r["threads_seen"] == [threads] * processes
         assert r["updates_timed"] == updates and r["samples_timed"] == updates * batch * processes
         assert r["samples_per_s"] > 0 and r["samples_per_cpu_second"] > 0
+        assert math.isclose(r["cores_used"], r["cpu_seconds"] / r["timed_seconds"])
         assert all(len(u) == updates for u in r["update_seconds_per_rank"])
     two = runs["2p x 1t"]
     assert two["distributed_type"] == "DistributedType.MULTI_CPU"  # one process group, not two copies
