@@ -191,6 +191,14 @@ def test_a_misspelt_event_is_an_error_at_registration_with_the_right_name():
     trainer = BaseTrainer(model, loss_fn, cpu=True)
     with pytest.raises(DecodeAccelError, match="not a Hook"):
         trainer.add_hook(object())
+    # an event set on the instance (a callable attribute) is checked too
+    patched = Hook()
+    patched.on_fit_ends = lambda trainer, history: None
+    with pytest.raises(DecodeAccelError, match=r"Hook\.on_fit_ends .*on_fit_end"):
+        trainer.add_hook(patched)
+    fine = Hook()
+    fine.on_fit_end = lambda trainer, history: None
+    assert trainer.add_hook(fine) is fine
 
 
 def test_hook_state_is_keyed_by_name_so_a_resume_with_hooks_in_another_order_keeps_it(tmp_path):

@@ -114,8 +114,9 @@ def check_hook(hook) -> None:
     if not isinstance(hook, Hook):
         raise DecodeAccelError(f"{type(hook).__name__} is not a Hook", field="hooks",
                                fix="subclass decode_accel.training.Hook and override its on_* events")
-    for attr in dir(type(hook)):
-        if attr.startswith("on_") and attr not in EVENTS and callable(getattr(type(hook), attr, None)):
+    # the class's methods and callables set on the instance (the loop calls both the same way)
+    for attr in sorted(set(dir(type(hook))) | set(getattr(hook, "__dict__", {}))):
+        if attr.startswith("on_") and attr not in EVENTS and callable(getattr(hook, attr, None)):
             close = difflib.get_close_matches(attr, EVENTS, n=1)
             raise DecodeAccelError(f"{type(hook).__name__}.{attr} is not a training event", field="hooks",
                                    fix=f"rename it to {close[0]}" if close else f"events: {', '.join(EVENTS)}")
