@@ -10,21 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tifffile
 import torch
 from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
 
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (WITHIN_ONE_SIGMA, bias_by_true_value, detection_reliability, gridding_report,
                                                  plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.evaluation.matching import match_localizations
-from decode_accel.export import default_export_dir, export_model, load_exported
+from decode_accel.export import default_export_dir, dye_table, export_model, load_exported
 from decode_accel.inference.postprocess import (PostProcessor, ProbabilityCalibration, SubpixelEqualisation,
                                               ZResponseCalibration)
 from decode_accel.inference.predict import predict
@@ -85,8 +88,6 @@ class ProgressBar(Hook):
         self._bar = None
 
     def on_fit_start(self, trainer) -> None:
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(total=self.total, desc=self.description, unit="update", dynamic_ncols=True,
                          initial=int(trainer.global_step), smoothing=0.05, mininterval=2.0)
 
@@ -139,9 +140,6 @@ def test_simulation(sim_config, height: int = 64, width: int = 64):
 def simulate_held_out_movie(sim_config, n_frames: int, seed: int, out_dir: str | Path,
                             name: str = "test") -> HeldOutMovie:
     """Simulate a movie with ``seed`` and write ``{name}.tif`` (uint16 ADU) and ``{name}_truth.csv``."""
-    import tifffile
-
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sim = Simulator(sim_config)
@@ -323,7 +321,6 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
         "true": [...]} or None (3D), "ratio_sigma_scale": float or None (two channels)}; thresholds are of
         the calibrated p.
     """
-    import tempfile
 
 
     exported = load_exported(export_dir)
@@ -400,7 +397,6 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000 frames), predicted at ``threshold`` of
     the calibrated p. Either is None, with a warning, when the movie gives too few positions or positions
     that cannot be remapped (an untrained model)."""
-    import tempfile
 
     chip = getattr(exported.camera, "map_shape", None)
     if chip is not None:  # the movie must fit on the chip of full-chip sCMOS maps
@@ -552,8 +548,7 @@ def evaluate_table(table: pd.DataFrame, movie: HeldOutMovie, sim_config) -> dict
                   camera="emccd" if sim_config.camera.kind == "emccd" else "poisson",
                   default_bg=movie.bg_per_frame, use_z=sim_config.psf.kind != "gaussian")
     if sim_config.channels.n_channels == 2:
-        kwargs["dye_table"] = [{"ratio": d.ratio_mean, "ratio_sd": d.ratio_sd, "prob": d.probability}
-                               for d in sim_config.channels.dyes]
+        kwargs["dye_table"] = dye_table(sim_config)
     threshold = 0.25 * float(movie.truth["photons"].mean())
     everything = evaluate(movie.truth, table, **kwargs)
     bright = evaluate(movie.truth, table, min_photons=threshold, **kwargs)
@@ -615,10 +610,10 @@ def format_table(columns: dict[str, dict], title: str = "") -> str:
 
 def plot_learning_curve(points: list[tuple[int, float, float]], path: str | Path, title: str = "") -> Path:
     """PNG of the training loss against optimizer updates."""
-    import matplotlib
+    import matplotlib  # heavy: only for the learning-curve figure
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: pyplot is slow to import, only for the figure
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -204,11 +204,7 @@ def unexplained_function_imports(package: Path = PACKAGE) -> list[str]:
 #: (importing module, imported module) of imports inside functions still without their reason, in files another
 #: engineer was editing when the check came (issue 13): give each its comment (or move it to the top) and remove
 #: it here. Nothing else may join this list.
-NOT_YET_EXPLAINED = {
-    ("decode_accel.pipeline", "tqdm.auto"), ("decode_accel.pipeline", "tifffile"),
-    ("decode_accel.pipeline", "tempfile"), ("decode_accel.pipeline", "matplotlib"),
-    ("decode_accel.pipeline", "matplotlib.pyplot"), ("decode_accel.inference.postprocess", "scipy.optimize"),
-}
+NOT_YET_EXPLAINED: set[tuple[str, str]] = set()
 
 
 # ----------------------------------------------------------------------------------------------------- tests

@@ -72,6 +72,15 @@ _FEATURES = {
 _REQUIRED = object()
 
 
+def _knot_pairs(first: Sequence[float], second: Sequence[float]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Two knot sequences of a piecewise-linear map as float64 arrays, and whether they can be one: 1-D, of
+    one length >= 2, finite, the first strictly increasing (what each map adds to that, it checks itself)."""
+    a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    ok = bool(a.ndim == 1 and a.shape == b.shape and len(a) >= 2 and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+              and np.all(np.diff(a) > 0))
+    return a, b, ok
+
+
 class _StoredCorrection:
     """A correction of the operating point that the export stores as lists of numbers: :meth:`to_dict` writes
     the constructor arguments named in ``STORED`` ((name, default) in constructor order; ``_REQUIRED``: no
@@ -116,10 +125,8 @@ class ProbabilityCalibration(_StoredCorrection):
     WHAT, FIELD = "a probability calibration", "probability_calibration"
 
     def __init__(self, raw: Sequence[float], calibrated: Sequence[float]):
-        r, c = np.asarray(raw, dtype=np.float64), np.asarray(calibrated, dtype=np.float64)
-        ok = (r.ndim == 1 and r.shape == c.shape and len(r) >= 2 and np.all(np.isfinite(r)) and np.all(np.isfinite(c))
-              and np.all(np.diff(r) > 0) and np.all(np.diff(c) >= 0) and r[0] >= 0 and r[-1] <= 1
-              and c[0] >= 0 and c[-1] <= 1)
+        r, c, ok = _knot_pairs(raw, calibrated)
+        ok = ok and np.all(np.diff(c) >= 0) and r[0] >= 0 and r[-1] <= 1 and c[0] >= 0 and c[-1] <= 1
         if not ok:
             raise DecodeAccelError("a probability calibration needs >= 2 knots, raw strictly increasing and calibrated "
                                    "non-decreasing, all in [0, 1]", field="probability_calibration",
@@ -130,7 +137,7 @@ class ProbabilityCalibration(_StoredCorrection):
     def fit(cls, prob: np.ndarray, real: np.ndarray, knots: int = 20) -> "ProbabilityCalibration":
         """Isotonic regression of ``real`` (bool: matched to a true emitter) on ``prob``, summarised by
         ``knots`` equal-count groups of detections (the mean p and mean fitted share of each)."""
-        from scipy.optimize import isotonic_regression
+        from scipy.optimize import isotonic_regression  # heavy: scipy.optimize only when a calibration is fitted
 
         prob, real = np.asarray(prob, dtype=np.float64), np.asarray(real, dtype=np.float64)
         if len(prob) < 2 * knots:
@@ -292,9 +299,8 @@ class ZResponseCalibration(_StoredCorrection):
     WHAT, FIELD = "a z calibration", "z_calibration"
 
     def __init__(self, predicted: Sequence[float], true: Sequence[float]):
-        p, t = np.asarray(predicted, dtype=np.float64), np.asarray(true, dtype=np.float64)
-        ok = (p.ndim == 1 and p.shape == t.shape and len(p) >= 2 and np.all(np.isfinite(p)) and np.all(np.isfinite(t))
-              and np.all(np.diff(p) > 0) and np.all(np.diff(t) > 0))
+        p, t, ok = _knot_pairs(predicted, true)
+        ok = ok and np.all(np.diff(t) > 0)
         if not ok:
             raise DecodeAccelError("a z calibration needs >= 2 knots with predicted and true z (nm) both strictly "
                                    "increasing", field="z_calibration",
