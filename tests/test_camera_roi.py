@@ -93,7 +93,8 @@ def _export(tmp_path, maps):
 
 
 def test_predict_uses_the_movies_region_of_the_chip(tmp_path, monkeypatch, capsys):
-    from decode_accel.inference.predict import predict, predict_main
+    from decode_accel.cli.predict import predict_main
+    from decode_accel.inference.predict import predict
 
     path, offset, gain = _chip(tmp_path)
     export = _export(tmp_path, path)

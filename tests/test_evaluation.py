@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from decode_accel.cli.evaluate import evaluate_main
 from decode_accel.errors import DecodeAccelError
-from decode_accel.evaluation import (GaussianPSF, crlb_gaussian_2d, efficiency, evaluate, evaluate_main,
-                                     format_report, match_frame, match_localizations)
+from decode_accel.evaluation import (GaussianPSF, crlb_gaussian_2d, efficiency, evaluate, format_report, match_frame,
+                                     match_localizations)
 from decode_accel.io import write_table
 
 

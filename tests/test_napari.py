@@ -38,7 +38,8 @@ except (ImportError, OSError) as exc:  # OSError: vispy without libGL ("GL ES 2.
                 f"or {SETUP_HINT}", allow_module_level=True)
 
 from decode_accel.hub import ExportedModel, export_model  # noqa: E402
-from decode_accel.inference.predict import predict, predict_main  # noqa: E402
+from decode_accel.cli.predict import predict_main  # noqa: E402
+from decode_accel.inference.predict import predict  # noqa: E402
 from decode_accel.inference.render import render  # noqa: E402
 from decode_accel.io import read_table  # noqa: E402
 from decode_accel.models import DoubleMUNet, SigmaMUNet  # noqa: E402

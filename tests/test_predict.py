@@ -275,7 +275,7 @@ def test_camera_yaml_overrides_the_conversion_to_photons(tmp_path):
 
 def test_command_line_predicts_from_an_export_folder_and_renders(tmp_path, capsys):
     from decode_accel.hub import export_model
-    from decode_accel.inference.predict import predict_main
+    from decode_accel.cli.predict import predict_main
     path, _, _ = simulate(tmp_path, n_frames=4, height=16, width=16)
     torch.manual_seed(0)
     cfg = SimulationConfig(frame=dict(height=16, width=16, px_size=PX), camera=dict(preset="challenge2016"))
@@ -293,7 +293,7 @@ def test_command_line_predicts_from_an_export_folder_and_renders(tmp_path, capsy
 
 
 def test_command_line_reports_bad_input_in_one_line(tmp_path, capsys):
-    from decode_accel.inference.predict import predict_main
+    from decode_accel.cli.predict import predict_main
     code = predict_main(["--model", str(tmp_path / "no_export"), "--input", str(tmp_path / "m.tif"),
                          "--out", str(tmp_path / "l.csv")])
     err = capsys.readouterr().err

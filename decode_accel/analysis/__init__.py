@@ -4,6 +4,6 @@ Works on the Picasso HDF5 (+ YAML sidecar) that ``decode-accel predict`` writes;
 :mod:`decode_accel.analysis.drift_link` and ``decode-accel postprocess``.
 """
 
-from .drift_link import (DriftResult, link_blinks, load_locs, postprocess, postprocess_main, save_locs, undrift)
+from .drift_link import (DriftResult, link_blinks, load_locs, postprocess, save_locs, undrift)
 
-__all__ = ["undrift", "link_blinks", "load_locs", "save_locs", "postprocess", "postprocess_main", "DriftResult"]
+__all__ = ["undrift", "link_blinks", "load_locs", "save_locs", "postprocess", "DriftResult"]

@@ -10,9 +10,9 @@
 
 from decode_accel.inference.movie import ArrayMovie, Movie, open_movie, parse_frames
 from decode_accel.inference.postprocess import PostProcessor
-from decode_accel.inference.predict import predict, predict_main
+from decode_accel.inference.predict import predict
 from decode_accel.inference.render import render
 from decode_accel.inference.tiling import plan_tiles, predict_maps_tiled, receptive_field_radius
 
 __all__ = ["ArrayMovie", "Movie", "PostProcessor", "open_movie", "parse_frames", "plan_tiles", "predict",
-           "predict_main", "predict_maps_tiled", "receptive_field_radius", "render"]
+           "predict_maps_tiled", "receptive_field_radius", "render"]

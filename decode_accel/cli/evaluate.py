@@ -1,4 +1,5 @@
-"""``decode-accel evaluate``: challenge metrics of a localization file against ground truth."""
+"""``decode-accel evaluate``: challenge metrics of a localization file against ground truth
+(:func:`decode_accel.evaluation.evaluate`)."""
 
 from __future__ import annotations
 

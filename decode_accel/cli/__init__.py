@@ -1,8 +1,8 @@
 """The ``decode-accel`` command line.
 
-The command lines of the package live here (``simulate``, ``train`` and every recipe through
-:func:`run_from_cli`, ``push``, ``config-reference``); ``predict``, ``evaluate``, ``demo``, ``calibrate`` and
-``postprocess`` are dispatched to the ``*_main`` of their rooms. User errors become one line on stderr and a
+Every command line of the package lives in this package: ``simulate``, ``train`` and every recipe through
+:func:`run_from_cli`, ``push`` and ``config-reference`` here; ``predict``, ``evaluate``, ``demo``, ``calibrate``
+and ``postprocess`` in a module each (:mod:`decode_accel.cli.predict`, ...: its parser and its ``*_main``). User errors become one line on stderr and a
 non-zero exit code (a traceback only with ``--debug``). :func:`run_from_cli` parses a recipe's flags and
 runs the one run orchestration, :func:`decode_accel.pipeline.train_model` (build, train, export, operating
 point). A recipe is::
@@ -196,19 +196,19 @@ def _train(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    from decode_accel.inference.predict import predict_main  # per command
+    from decode_accel.cli.predict import predict_main  # per command
 
     return predict_main(argv)
 
 
 def _evaluate(argv: list[str]) -> int:
-    from decode_accel.evaluation import evaluate_main  # per command
+    from decode_accel.cli.evaluate import evaluate_main  # per command
 
     return evaluate_main(argv)
 
 
 def _demo(argv: list[str]) -> int:
-    from decode_accel.pipeline import demo_main  # per command
+    from decode_accel.cli.demo import demo_main  # per command
 
     return demo_main(argv)
 
@@ -221,13 +221,13 @@ def _config_reference(argv: list[str]) -> int:
 
 
 def _calibrate(argv: list[str]) -> int:
-    from decode_accel.calibration import calibrate_main  # per command
+    from decode_accel.cli.calibrate import calibrate_main  # per command
 
     return calibrate_main(argv)
 
 
 def _postprocess(argv: list[str]) -> int:
-    from decode_accel.analysis import postprocess_main  # per command
+    from decode_accel.cli.postprocess import postprocess_main  # per command
 
     return postprocess_main(argv)
 
