@@ -261,3 +261,18 @@ def test_no_host_sync_per_micro_batch_and_at_most_one_per_update_with_the_diverg
     extra = len(counts[16]) - len(counts[8])
     # 8 more micro-batches = 2 more updates: nothing more without the guard, one read per update with it
     assert extra == (2 if guard else 0), counts[16]
+
+
+def test_adam_and_adamw_are_fused_on_a_gpu_unless_the_config_says_otherwise():
+    # one kernel launch for all parameters instead of several per tensor (issue 15.3); torch >= 2.4 has the
+    # fused kernel on the CPU as well, so the construction itself is checked here
+    from decode_accel.training.settings import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert build_optimizer(params, {"type": "AdamW", "lr": 1e-3}, device="cuda:1").defaults["fused"] is True
+    assert build_optimizer(params, {"type": "Adam", "lr": 1e-3}, device=torch.device("cuda")).defaults["fused"] is True
+    assert not build_optimizer(params, {"type": "AdamW", "lr": 1e-3}, device="cpu").defaults["fused"]
+    assert not build_optimizer(params, {"type": "AdamW", "lr": 1e-3, "fused": False}, device="cuda").defaults["fused"]
+    assert build_optimizer(params, {"type": "AdamW", "lr": 1e-3, "foreach": True}, device="cuda").defaults["foreach"]
+    assert "fused" not in build_optimizer(params, {"type": "SGD", "lr": 1e-3}, device="cuda").defaults or \
+        not build_optimizer(params, {"type": "SGD", "lr": 1e-3}, device="cuda").defaults["fused"]

@@ -125,11 +125,17 @@ def resolve_mixed_precision(mixed_precision: str | bool | None, cpu: bool) -> st
     return mixed_precision
 
 
-def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
+#: optimizers whose fused CUDA kernel (one launch for all parameters instead of several per tensor) the
+#: trainer takes by default on a GPU
+FUSED_ON_CUDA = ("Adam", "AdamW")
+
+
+def build_optimizer(params, optimizer_config: dict, device: str | torch.device | None = None) -> torch.optim.Optimizer:
     """``{'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4, 'amsgrad': True}`` -> a torch optimizer.
 
     ``type`` is any ``torch.optim`` class name (Adam, AdamW, SGD, RMSprop, ...); the other keys are its
-    keyword arguments (``learning_rate`` is accepted for ``lr``).
+    keyword arguments (``learning_rate`` is accepted for ``lr``). On a CUDA ``device``, Adam and AdamW
+    are fused unless the config says ``fused`` or ``foreach`` itself.
     """
     cfg = dict(optimizer_config)
     kind = cfg.pop("type", "AdamW")
@@ -139,6 +145,9 @@ def build_optimizer(params, optimizer_config: dict) -> torch.optim.Optimizer:
     if "betas" in cfg and cfg["betas"] is not None:
         cfg["betas"] = tuple(cfg["betas"])
     cfg = {k: v for k, v in cfg.items() if v is not None}
+    if (device is not None and torch.device(device).type == "cuda" and kind in FUSED_ON_CUDA
+            and "fused" not in cfg and "foreach" not in cfg):
+        cfg["fused"] = True
     cls = getattr(torch.optim, str(kind), None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise DecodeAccelError(f"unknown optimizer type {kind!r}", field="optimizer.type",

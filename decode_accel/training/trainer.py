@@ -164,8 +164,11 @@ class BaseTrainer:
         self.loss_fn = loss_fn.to(self.accelerator.device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
         self.optimizer_config = dict(optimizer_config or {"type": "AdamW", "lr": 1e-3})
         self.scheduler_config = dict(scheduler_config) if scheduler_config else None
-        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model.parameters(),
-                                                                                     self.optimizer_config))
+        if self.accelerator.device.type == "cuda":
+            # training frames have one fixed size: let cuDNN time its convolution algorithms once and keep the fastest
+            torch.backends.cudnn.benchmark = True
+        self.model, self.optimizer = self.accelerator.prepare(
+            model, build_optimizer(model.parameters(), self.optimizer_config, device=self.accelerator.device))
         if s.compile:
             self.model = torch.compile(self.model)
         # every real optimizer step (ours or an override's) is seen here: it defines an "update"
