@@ -298,3 +298,47 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path, capsys):
                          "--out", str(tmp_path / "l.csv")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A network that runs out of (accelerator) memory on batches of more than ``limit`` frames, as a GPU would."""
+
+    def __init__(self, net, limit: int):
+        super().__init__()
+        self.net, self.limit, self.refused = net, limit, []
+
+    def _check(self, n):
+        if n > self.limit:
+            self.refused.append(n)
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {n} frames")
+
+    def encode_frames(self, frames):
+        self._check(len(frames))
+        return self.net.encode_frames(frames)
+
+    def decode_windows(self, prev, cur, nxt):
+        return self.net.decode_windows(prev, cur, nxt)
+
+    def forward(self, windows):
+        self._check(len(windows))
+        return self.net(windows)
+
+
+def test_out_of_memory_is_met_by_smaller_batches_and_gives_the_same_table(tmp_path, caplog):
+    path, _, camera = simulate(tmp_path, n_frames=12)
+    torch.manual_seed(0)
+    net = randomize_output_layers(SigmaMUNet.from_preset("tiny"))
+    settings = dict(camera=camera, px_size_nm=PX, threshold=0.3, progress=False)
+    expected = predict(net, path, batch_size=3, **settings)
+    assert len(expected)
+    for cache in (True, False):
+        limited = OutOfMemoryAbove(net, limit=3)
+        with caplog.at_level("WARNING", logger="decode_accel.inference.predict"):
+            table = predict(limited, path, batch_size=12, cache_features=cache, **settings)
+        # halved until it fits (a cached batch also encodes its next neighbour), then kept for the rest
+        assert limited.refused[0] >= 12 and limited.refused == sorted(set(limited.refused), reverse=True)
+        # float32 results depend slightly on the batch size (oneDNN), hence the tolerance (nm, photons)
+        pd.testing.assert_frame_equal(table, expected, rtol=1e-4, atol=0.02)
+    assert "out of accelerator memory with 12 frames per batch: going on with 6" in caplog.text
+    with pytest.raises(DecodeAccelError, match="does not fit in the accelerator's memory.*tile-size"):
+        predict(OutOfMemoryAbove(net, limit=0), path, batch_size=4, **settings)

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -51,6 +52,8 @@ from decode_accel.simulation.config import CameraConfig
 from decode_accel.table import empty_table
 
 __all__ = ["predict", "resolve_model"]
+
+logger = logging.getLogger(__name__)
 
 #: frames per resumable chunk (one part file each) when not given.
 DEFAULT_CHUNK_FRAMES = 1000
@@ -374,6 +377,18 @@ def _resolve_device(device, accelerator):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _smaller_batch(failed: int, movie) -> int:
+    """The batch after ``failed`` frames ran out of accelerator memory: half of it (one frame that does not fit
+    is a one-line error); the rest of the movie keeps the smaller batch."""
+    if failed <= 1:
+        raise DecodeAccelError(f"one {movie.height}x{movie.width} px frame does not fit in the accelerator's memory",
+                               field="tile_size", fix="give a smaller --tile-size (e.g. 256), or predict on the CPU")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the failed batch's blocks back before the retry
+    logger.warning("out of accelerator memory with %d frames per batch: going on with %d", failed, failed // 2)
+    return failed // 2
+
+
 def _auto_batch_size(plan, device) -> int:
     tile_px = max(t.h * t.w for t in plan.tiles)
     # CPU: 2**19 px (128 frames of 64 x 64): oneDNN's convolutions with few channels need large batches
@@ -568,9 +583,15 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
             if previous_end != c0:
                 stream.reset()
             rows = []
-            for a in range(c0, c1, batch):
+            a = c0
+            while a < c1:
                 b = min(a + batch, c1)
-                maps = stream.maps(a, b)
+                try:
+                    maps = stream.maps(a, b)
+                except torch.OutOfMemoryError:  # the accelerator's memory: the same frames again in smaller batches
+                    batch = _smaller_batch(b - a, movie)
+                    stream.reset()  # the feature cache may hold a half-written batch
+                    continue
                 rows.append(post(maps, frame_offset=a))
                 del maps
                 bar.update(b - a)
@@ -578,6 +599,7 @@ def predict(model, inputs, *, out: str | os.PathLike | Sequence[str | os.PathLik
                 if px_since_trim >= TRIM_EVERY_PX:
                     _release_freed_memory()
                     px_since_trim = 0
+                a = b
             previous_end = c1
             table = _merge_rows(rows)
             if parts_dir is not None:
