@@ -3,9 +3,9 @@
 Every command line of the package lives in this package: ``simulate``, ``train`` and every recipe through
 :func:`run_from_cli`, ``push`` and ``config-reference`` here; ``predict``, ``evaluate``, ``demo``, ``calibrate``
 and ``postprocess`` in a module each (:mod:`decode_accel.cli.predict`, ...: its parser and its ``*_main``).
-User errors become one line on stderr and a non-zero exit code (a traceback only with ``--debug``). :func:`run_from_cli` parses a recipe's flags and
-runs the one run orchestration, :func:`decode_accel.pipeline.train_model` (build, train, export, operating
-point). A recipe is::
+User errors become one line on stderr and a non-zero exit code (a traceback only with ``--debug``).
+:func:`run_from_cli` parses a recipe's flags and runs the one run orchestration,
+:func:`decode_accel.pipeline.train_model` (build, train, export, operating point). A recipe is::
 
     from decode_accel.cli import recipe_main
     if __name__ == "__main__":
