@@ -1,4 +1,5 @@
-"""``decode-accel predict``: localize a movie with a trained (exported) model (:func:`decode_accel.inference.predict`)."""
+"""``decode-accel predict``: localize a movie with a trained (exported) model
+(:func:`decode_accel.inference.predict`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import sys
 from typing import Sequence
 
 from decode_accel.errors import DecodeAccelError
-# _reuse_large_blocks stays beside the glibc helpers it shares with predict; only a process of its own (this CLI) calls it
+# _reuse_large_blocks stays beside the glibc helpers it shares with predict; only a process of its own
+# (this CLI) may call it
 from decode_accel.inference.predict import DEFAULT_TILE_SIZE, _reuse_large_blocks, predict
 from decode_accel.inference.render import render
 from decode_accel.simulation.camera import parse_roi
