@@ -191,21 +191,32 @@ def run_growth_probe(mode: str, short: int, long_: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Frames of the long run and the growth allowed over the short run. The peak of one run moves by up to ~21 MiB
+# from run to run whatever its length (where the allocator's pages happen to lie; 3-21 MiB measured at 200 and at
+# 400 frames on 2026-12-01), while the creep this test guards against grows with the frames: without the trim,
+# +44 MiB at 200 frames and +73 MiB at 400. 400 frames put the limit at half the creep and well above the jitter
+# (at 200 frames a 20 MiB limit failed two full-suite runs at 21 MiB).
+GROWTH_FRAMES = 400
+GROWTH_LIMIT = 36 * MiB
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status (RssAnon)")
 def test_peak_memory_does_not_grow_with_the_number_of_frames():
-    """200 frames of 256 x 256 peak within 20 MiB of 24 frames (before the fix: about +44 MiB, see below)."""
-    result = run_growth_probe("default", 24, 200)
+    """400 frames of 256 x 256 peak within 36 MiB of 24 frames (before the fix: +73 MiB, see below)."""
+    result = run_growth_probe("default", 24, GROWTH_FRAMES)
     growth = result["long"] - result["short"]
-    print(f"peak anonymous memory: 24 frames {result['short'] / MiB:.0f} MiB, 200 frames {result['long'] / MiB:.0f} MiB")
-    assert growth < 20 * MiB, f"peak anonymous memory grew by {growth / MiB:.0f} MiB from 24 to 200 frames"
+    print(f"peak anonymous memory: 24 frames {result['short'] / MiB:.0f} MiB, "
+          f"{GROWTH_FRAMES} frames {result['long'] / MiB:.0f} MiB")
+    assert growth < GROWTH_LIMIT, \
+        f"peak anonymous memory grew by {growth / MiB:.0f} MiB from 24 to {GROWTH_FRAMES} frames"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc/self/status (RssAnon)")
 def test_without_returning_freed_heap_memory_the_growth_test_fails():
     """The check above can fail: with the periodic ``malloc_trim`` switched off, memory grows again."""
-    result = run_growth_probe("no-trim", 24, 200)
-    assert result["long"] - result["short"] >= 20 * MiB
+    result = run_growth_probe("no-trim", 24, GROWTH_FRAMES)
+    assert result["long"] - result["short"] >= GROWTH_LIMIT
 
 
 @pytest.mark.slow
