@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from accelerate.state import PartialState
 from accelerate.tracking import TensorBoardTracker, WandBTracker
 
 from decode_accel.errors import DecodeAccelError
@@ -130,6 +131,9 @@ class TrainingMonitor:
     def _start_wandb(self, project: str | None, flat_config: dict):
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.log_dir / "wandb")
         wandb_dir.mkdir(parents=True, exist_ok=True)
+        # accelerate's trackers log through its process state: a monitor built before any Accelerator (a user's
+        # script, a notebook) would fail in tracker.start(); PartialState() is the existing state once one exists
+        PartialState()
         tracker = WandBTracker(project or "decode_accel", dir=os.fspath(wandb_dir), name=self.run_name,
                                config=flat_config or None)
         try:
