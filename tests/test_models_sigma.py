@@ -268,3 +268,19 @@ def test_a_new_network_predicts_no_offset_on_either_axis_whatever_its_random_see
         assert torch.count_nonzero(out[key]) == 0, key
     # the detection head is the one that starts from the DECODE prior (p ~ 0.0025), not from zero
     assert 0.001 < float(out["p"].mean()) < 0.01
+
+
+def test_under_bf16_autocast_the_heads_and_their_activations_run_in_fp32():
+    # tanh of a bf16 logit has steps of ~2^-9: dx would be quantised to ~0.2 nm; the heads must not be
+    torch.manual_seed(0)
+    net = SigmaMUNet.from_preset("tiny").eval()
+    for head in net.heads.values():
+        torch.nn.init.normal_(head[-1].weight if isinstance(head, torch.nn.Sequential) else head.weight, std=0.3)
+    windows = torch.rand(2, 1, 3, 16, 16) * 50
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = net(windows)
+    for name in ("p", "dx", "dy", "photons", "bg"):
+        assert out[name].dtype == torch.float32, name
+    dx = out["dx"].flatten()
+    # bf16 values near 0.1-0.5 are multiples of 2^-10 or coarser: fp32 outputs are not
+    assert (torch.remainder(dx.abs() * 2 ** 10, 1.0) > 1e-3).float().mean() > 0.5
