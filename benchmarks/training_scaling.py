@@ -36,7 +36,6 @@ PROCESS_START = time.time()
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
@@ -50,24 +49,18 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/ is no package
 
 from decode_accel.errors import DecodeAccelError  # noqa: E402
 from decode_accel.pipeline import write_json  # noqa: E402
 from decode_accel.training.builders import build_loaders  # noqa: E402
 from decode_accel.training.hooks import Hook  # noqa: E402
 from decode_accel.training.monitor import TrainingMonitor  # noqa: E402
+from training_speed import scenario_config  # noqa: E402
 from decode_accel.training.trainer import build_trainer  # noqa: E402
 
 #: (name, processes, threads per process), in the order they alternate
 CONFIGURATIONS = (("1p x 1t", 1, 1), ("1p x 2t", 1, 2), ("2p x 1t", 2, 1))
-
-
-def _training_speed_module():
-    """benchmarks/training_speed.py (benchmarks/ is no package): its ``scenario_config`` is the training here."""
-    spec = importlib.util.spec_from_file_location("training_speed", ROOT / "benchmarks" / "training_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class ScalingProbe(Hook):
@@ -120,7 +113,7 @@ def train_one_rank(*, preset: str, frame: int, batch: int, updates: int, warmup:
     is torch's intra-op thread count of this process. Returns what it wrote.
     """
     torch.set_num_threads(threads)
-    config = _training_speed_module().scenario_config(preset, frame=frame, batch=batch, workers=0,
+    config = scenario_config(preset, frame=frame, batch=batch, workers=0,
                                                       micro_batches=warmup + updates, log_dir=out_dir / "logs")
     trainer = build_trainer(config, cpu=True, mixed_precision="no")
     built_at = time.time()
