@@ -55,7 +55,7 @@ def test_outputs_have_the_documented_shapes_and_ranges():
     assert (out["logits"].abs() <= 8).all()
     assert torch.allclose(out["p"], torch.sigmoid(out["logits"]))
     assert ((out["photons"] >= 0) & (out["photons"] <= 2000.0)).all()
-    assert (out["dx"].abs() <= 1).all() and (out["dy"].abs() <= 1).all()
+    assert (out["dx"].abs() <= model.scaling.offset_max).all() and (out["dy"].abs() <= model.scaling.offset_max).all()
     assert (out["z"].abs() <= 600.0).all()
     assert ((out["bg"] >= 0) & (out["bg"] <= 40.0)).all()
     # sigmas: (3 sigmoid + 0.001) x unit, unit = photons_max (photons), 1 px, z_max (nm)

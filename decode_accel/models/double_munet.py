@@ -100,8 +100,8 @@ class DoubleMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel"
             "photons_ch1": ch1,
             # N - rN rather than (1-r)N: then ch1 + ch2 == N up to one rounding of the sum
             "photons_ch2": total - ch1,
-            "dx": torch.tanh(mean[:, 2]),
-            "dy": torch.tanh(mean[:, 3]),
+            "dx": torch.tanh(mean[:, 2]) * s.offset_max,
+            "dy": torch.tanh(mean[:, 3]) * s.offset_max,
             "z": torch.tanh(mean[:, 4]) * s.z_max if self.z_enabled else torch.zeros_like(logits),
         }
         if self.uncertainty:

@@ -1,7 +1,7 @@
 """Scaling between physical units and the network's internal range.
 
 The network sees ``(photons - input_offset) / input_scale`` and its bounded heads (sigmoid, tanh)
-are multiplied by ``photons_max``, ``z_max`` and ``bg_max`` to give physical units. The values live
+are multiplied by ``photons_max``, ``z_max``, ``bg_max`` and ``offset_max`` to give physical units. The values live
 in the model's config, so a saved model carries its own scaling and needs nothing else at inference.
 """
 
@@ -44,6 +44,12 @@ class Scaling(StrictModel):
     z_max: float = Field(900.0, gt=0.0,
                          description="the z head spans (-z_max, z_max); the z sigma is in units of it (nm)")
     bg_max: float = Field(180.0, gt=0.0, description="upper end of the background head (photons/px)")
+    offset_max: float = Field(
+        1.5, gt=0.0, le=4.0,
+        description="the dx, dy heads span (-offset_max, offset_max) px from the pixel centre. Above 1 so that "
+                    "a detection one pixel inward can still place an emitter of the outermost pixel row or column "
+                    "(trained networks fire there for emitters at the frame border; with DECODE's 1 those "
+                    "positions piled up 0.5 px inside the border, 14-22 nm biased on average)")
     variance_scale: float | None = Field(
         None, gt=0.0, description="model.variance_input: the network sees log1p(read-noise variance / this); "
                                   "None = input_offset, the mean background, whose shot-noise variance it is (photons²)")

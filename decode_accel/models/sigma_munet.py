@@ -41,7 +41,7 @@ class SigmaMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel",
     Output: dict of maps in physical units (docs/architecture.md): p, logits, photons, dx, dy, z
     and, with ``uncertainty``, photons_sigma, dx_sigma, dy_sigma, z_sigma, all (B, H, W); bg (B, C, H, W).
     dx, dy are offsets of the emitter from the pixel centre in px (x along columns, y along rows),
-    within (-1, 1); photons in (0, photons_max); z in (-z_max, z_max) nm; bg in (0, bg_max) photons/px.
+    within (-offset_max, offset_max) (1.5 px by default); photons in (0, photons_max); z in (-z_max, z_max) nm; bg in (0, bg_max) photons/px.
     logits = 8 tanh(raw / 8), a soft form of DECODE's [-8, 8] clamp that keeps a gradient
     (see ``two_stage.clamp_logits``); p = sigmoid(logits).
     Sigmas: photons_sigma in photons, dx/dy_sigma in px, z_sigma in nm, each ``(3 sigmoid + 0.001) x unit``.
@@ -81,8 +81,8 @@ class SigmaMUNet(TwoStageNet, PyTorchModelHubMixin, library_name="decode_accel",
             "p": torch.sigmoid(logits),
             "logits": logits,
             "photons": torch.sigmoid(mean[:, 0]) * s.photons_max,
-            "dx": torch.tanh(mean[:, 1]),
-            "dy": torch.tanh(mean[:, 2]),
+            "dx": torch.tanh(mean[:, 1]) * s.offset_max,
+            "dy": torch.tanh(mean[:, 2]) * s.offset_max,
             "z": torch.tanh(mean[:, 3]) * s.z_max if self.z_enabled else torch.zeros_like(logits),
         }
         if self.uncertainty:

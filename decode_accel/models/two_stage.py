@@ -45,15 +45,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: dx, dy range (px) of networks whose stored scaling predates ``Scaling.offset_max``: DECODE's tanh in (-1, 1)
+LEGACY_OFFSET_MAX = 1.0
+
+
 def scaling_from_any(scaling: Scaling | dict | None) -> Scaling:
-    """A :class:`Scaling` from an instance, a plain dict (as stored in config.json) or None (defaults)."""
+    """A :class:`Scaling` from an instance, a plain dict (as stored in config.json) or None (defaults).
+
+    A dict without ``offset_max`` is a scaling stored before that field existed, and the weights that
+    came with it were trained for dx, dy in (-1, 1) px: it gets :data:`LEGACY_OFFSET_MAX`, not the
+    default, so that old exports read back the positions they were trained to give."""
     if scaling is None:
         return Scaling()
     if isinstance(scaling, Scaling):
         return scaling.model_copy()
     if isinstance(scaling, dict):
         try:
-            return Scaling(**scaling)
+            return Scaling(**{"offset_max": LEGACY_OFFSET_MAX, **scaling})
         except Exception as error:  # pydantic's message lists every bad field
             raise DecodeAccelError(" ".join(str(error).split()), field="scaling") from None
     raise DecodeAccelError(f"expected a Scaling or a dict, got {type(scaling).__name__}", field="scaling")
@@ -61,7 +69,7 @@ def scaling_from_any(scaling: Scaling | dict | None) -> Scaling:
 
 def _scaling_coder() -> dict:
     """Hub-mixin coder so that a Scaling init argument is written to config.json as a plain dict."""
-    return {Scaling: (lambda s: s.model_dump(), lambda d: Scaling(**d))}
+    return {Scaling: (lambda s: s.model_dump(), scaling_from_any)}
 
 
 class Head(nn.Sequential):
