@@ -194,6 +194,9 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
         print(f"mean {axis} error (nm) in tenths of a pixel of the true {axis}: "
               + " ".join(f"{b:+.2f}" for b in r["bias"]) + f" (standard errors ~{np.nanmedian(r['standard_error']):.2f}, "
               f"largest |bias| / its standard error {r['largest_z']:.1f})")
+    for axis, sides in grid.get("bias_at_border", {}).items():
+        print(f"mean {axis} error (nm) of true positions in the outermost pixel / inside / the other outermost pixel: "
+              + ", ".join(f"{side} {r['bias']:+.1f} ± {r['standard_error']:.1f} (n {r['count']})" for side, r in sides.items()))
     zbins = ours["trust"].get("z_bias_by_true_z")
     if zbins:
         print("z bias in bins of true z (nm): " + ", ".join(

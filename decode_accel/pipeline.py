@@ -492,10 +492,19 @@ def trust_report(table: pd.DataFrame, low_threshold_table: pd.DataFrame, movie: 
            "detection_reliability": detection_reliability(movie.truth, low_threshold_table, use_z=use_z),
            "uncertainty_reliability": uncertainty_reliability(movie.truth, table, axes=axes, use_z=use_z)}
     out["gridding"]["bias_by_subpixel"] = subpixel_bias(movie.truth, table, px, use_z=use_z)
+    out["gridding"]["bias_at_border"] = border_bias(movie.truth, table, px, movie.height, movie.width, use_z=use_z)
     if use_z:
         lo, hi = sim_config.emitters.z_range
         out["z_bias_by_true_z"] = bias_by_true_value(movie.truth, table, "z", np.linspace(lo, hi, 9), use_z=use_z)
     return out
+
+
+def _standard_error_of_mean(bias, rmse, count) -> np.ndarray:
+    """Standard error of a mean error from its bin's mean (bias), root-mean-square and count: the spread
+    about the mean, sqrt(rmse^2 - bias^2), over sqrt(count) (nm)."""
+    bias, rmse = np.asarray(bias, dtype=np.float64), np.asarray(rmse, dtype=np.float64)
+    spread = np.sqrt(np.maximum(rmse ** 2 - bias ** 2, 0.0))
+    return spread / np.sqrt(np.maximum(np.asarray(count, dtype=np.float64), 1.0))
 
 
 def subpixel_bias(truth: pd.DataFrame, table: pd.DataFrame, px_size_nm: float, bins: int = 10,
@@ -512,11 +521,30 @@ def subpixel_bias(truth: pd.DataFrame, table: pd.DataFrame, px_size_nm: float, b
         truth_frac = truth.assign(subpixel=np.mod(truth[axis].to_numpy(np.float64) / px_size_nm, 1.0))
         r = bias_by_true_value(truth_frac, table.assign(subpixel=0.0), "subpixel", np.linspace(0.0, 1.0, bins + 1),
                                error_of=axis, use_z=use_z)
-        count = np.asarray(r["count"], dtype=np.float64)
-        se = np.asarray(r["rmse"], dtype=np.float64) / np.sqrt(np.maximum(count, 1.0))
         bias = np.asarray(r["bias"], dtype=np.float64)
+        se = _standard_error_of_mean(bias, r["rmse"], r["count"])
         out[axis] = {"edges": r["edges"], "bias": bias.tolist(), "standard_error": se.tolist(), "count": r["count"],
                      "largest_z": float(np.nanmax(np.abs(bias) / se)) if np.isfinite(bias).any() else float("nan")}
+    return out
+
+
+def border_bias(truth: pd.DataFrame, table: pd.DataFrame, px_size_nm: float, height: int, width: int,
+                use_z: bool = False) -> dict:
+    """The mean x error of the matched emitters whose true x lies in the outermost pixel column on the left,
+    inside, and in the outermost column on the right (and y for the top row, inside, bottom row), in nm with
+    its standard error. The network sees the frame border as zero padding, so the border pixels are a case
+    of their own: a pile-up there is diluted to nothing in the sub-pixel figures of a large frame.
+
+    Returns {"x": {"left" | "inside" | "right": {"bias", "standard_error", "count"}}, "y": {"top" | "inside" |
+    "bottom": ...}}; a side without matches has NaN bias.
+    """
+    out = {}
+    for axis, size, sides in (("x", width, ("left", "inside", "right")), ("y", height, ("top", "inside", "bottom"))):
+        edges = np.array([0.0, 1.0, size - 1.0, float(size)]) * px_size_nm
+        r = bias_by_true_value(truth, table, axis, edges, use_z=use_z)
+        se = _standard_error_of_mean(r["bias"], r["rmse"], r["count"])
+        out[axis] = {side: {"bias": b, "standard_error": float(e), "count": n}
+                     for side, b, e, n in zip(sides, r["bias"], se, r["count"])}
     return out
 
 

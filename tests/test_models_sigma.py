@@ -217,6 +217,35 @@ def test_changing_the_scaling_after_construction_is_saved(tmp_path):
     assert SigmaMUNet.from_pretrained(tmp_path).scaling.bg_max == 99.0
 
 
+def test_a_detection_beside_the_frame_border_can_place_its_emitter_anywhere_in_the_border_pixel():
+    # Trained networks fire one pixel inside the frame for emitters of the outermost column or row (both
+    # benchmark models: p ~ 0 in column 0 and in the bottom row). With DECODE's dx, dy in (-1, 1) that
+    # detection reaches no closer than 0.5 px to the border, and border positions piled up there
+    # (+14 nm in column 0, -22 nm in the bottom row). The heads must reach the border itself.
+    model = tiny().eval()
+    with torch.no_grad():
+        model.heads["mean"][-1].bias[1] = -20.0   # dx as far left as it goes
+        model.heads["mean"][-1].bias[2] = 20.0    # dy as far down as it goes
+        out = model(windows(size=16))
+    x_from_column_1 = 1 + 0.5 + out["dx"][..., 1]
+    y_from_row_14 = 14 + 0.5 + out["dy"][..., 14, :]
+    assert (x_from_column_1 < 0.01).all() and (y_from_row_14 > 15.99).all()
+
+
+def test_an_export_stored_before_offset_max_keeps_the_dx_range_its_weights_were_trained_for(tmp_path):
+    model = randomize_output_layers(tiny()).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["scaling"]["offset_max"] == 1.5
+    del config["scaling"]["offset_max"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = SigmaMUNet.from_pretrained(tmp_path).eval()
+    assert old.scaling.offset_max == 1.0
+    with torch.no_grad():
+        new_dx, old_dx = model(windows())["dx"], old(windows())["dx"]
+    assert torch.allclose(old_dx * 1.5, new_dx, atol=1e-6)
+
+
 def _gradients(model, frames):
     model.zero_grad()
     torch.manual_seed(5)  # same dropout masks in both runs

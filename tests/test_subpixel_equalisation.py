@@ -177,3 +177,23 @@ def test_the_position_dependent_bias_by_tenth_of_a_pixel_is_measured_in_nm():
     assert np.allclose(r["x"]["bias"], expected, atol=4 * 5.0 / np.sqrt(n / 10))
     assert r["x"]["largest_z"] > 10
     assert np.all(np.abs(r["y"]["bias"]) < 4 * 5.0 / np.sqrt(n / 10)) and r["y"]["largest_z"] < 4
+
+
+def test_the_bias_of_emitters_in_the_outermost_pixels_is_measured_per_side():
+    # a 30 nm inward pull on x for true x in the leftmost pixel and -20 nm on y in the bottom row, 5 nm of noise
+    # elsewhere: the border figure gives back each pull on its side and nothing inside or on the other sides
+    from decode_accel.pipeline import border_bias
+
+    rng = np.random.default_rng(12)
+    n, px, size = 32000, 100.0, 64
+    truth = pd.DataFrame({"frame": np.arange(n) // 16, "x": rng.uniform(0, size * px, n), "y": rng.uniform(0, size * px, n)})
+    pull_x = np.where(truth["x"] < px, 30.0, 0.0)
+    pull_y = np.where(truth["y"] >= (size - 1) * px, -20.0, 0.0)
+    found = truth.assign(x=truth["x"] + pull_x + rng.normal(0, 5.0, n), y=truth["y"] + pull_y + rng.normal(0, 5.0, n))
+    r = border_bias(truth, found, px, height=size, width=size)
+    tol = 4 * 5.0 / np.sqrt(n / size)
+    assert r["x"]["left"]["bias"] == pytest.approx(30.0, abs=tol) and r["y"]["bottom"]["bias"] == pytest.approx(-20.0, abs=tol)
+    for axis, side in (("x", "inside"), ("x", "right"), ("y", "top"), ("y", "inside")):
+        assert abs(r[axis][side]["bias"]) < tol, (axis, side)
+    assert r["x"]["left"]["count"] == pytest.approx(n / size, rel=0.15)
+    assert r["x"]["left"]["standard_error"] == pytest.approx(5.0 / np.sqrt(r["x"]["left"]["count"]), rel=0.5)
