@@ -226,6 +226,10 @@ def model_card(name: str, meta: Mapping[str, Any], sim: SimulationConfig | None 
             ox, oy = (float(v) * float(meta["px_size_nm"]) for v in equalisation.get("offset", (0.0, 0.0)))
             corrections.append(f"sub-pixel fractions equalised and a constant offset of {ox:+.2f} / {oy:+.2f} nm "
                                "(x / y) removed")
+            if equalisation.get("border"):
+                sides = ", ".join(equalisation["border"].get("sides", {}))
+                corrections.append(f"positions within 2 px of the frame border mapped so that their mean error is ~0 "
+                                   f"at every distance from it ({sides})")
         if point.get("z_calibration"):
             corrections.append("z mapped so that its mean error is ~0 at every depth (z sigmas widened to match)")
         if corrections:

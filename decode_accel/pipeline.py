@@ -27,8 +27,8 @@ from decode_accel.evaluation.diagnostics import (WITHIN_ONE_SIGMA, bias_by_true_
                                                  plot_trust, real_detections, uncertainty_reliability)
 from decode_accel.evaluation.matching import match_localizations
 from decode_accel.export import default_export_dir, dye_table, export_model, load_exported
-from decode_accel.inference.postprocess import (PostProcessor, ProbabilityCalibration, SubpixelEqualisation,
-                                              ZResponseCalibration)
+from decode_accel.inference.postprocess import (BorderResponse, PostProcessor, ProbabilityCalibration,
+                                              SubpixelEqualisation, ZResponseCalibration)
 from decode_accel.inference.predict import predict
 from decode_accel.io import write_table
 from decode_accel.io._atomic import writable_folder
@@ -276,6 +276,11 @@ TUNING_EMITTER_FRAMES = 2000
 #: sub-pixel density is then known to about sqrt(2 / 40000) = 0.7 % (a 10-bin histogram of 40000
 #: positions resolves 1.5 % per bin), and the movie of 128 x 128 px frames predicts in about a minute
 EQUALISATION_EMITTER_FRAMES = 40_000
+#: expected true emitters within BorderResponse.REACH_PX of each frame border on that movie: 10 bins of true
+#: distance with ~200 each give each bin's mean error to ~1 nm (errors of ~15 nm)
+BORDER_PAIRS_PER_SIDE = 2000
+#: the longest equalisation movie (frames of 64 x 64 px, about a minute to predict on 2 CPU cores)
+EQUALISATION_MAX_FRAMES = 4000
 #: a model that finds fewer emitters than this Jaccard index on the tuning movie is not worth the
 #: equalisation movie (about a minute): its positions are dominated by misses and noise
 EQUALISATION_MIN_JACCARD = 0.5
@@ -388,20 +393,26 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
 
 
 def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
-                             size: int = 128) -> dict:
+                             size: int = 64) -> dict:
     """{"subpixel_equalisation", "z_calibration", "ratio_sigma_scale"} in their stored (dict) forms: the
     :class:`SubpixelEqualisation` (with the network's constant x, y offset), for 3D the
     :class:`ZResponseCalibration`, and for two channels the factor that makes 68.3 % of the ratio errors fall
-    within the ratio sigma, of a model's reported positions on one movie of its training physics (``size`` x ``size`` px frames, about
-    :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, 20 to 1000 frames), predicted at ``threshold`` of
-    the calibrated p. Either is None, with a warning, when the movie gives too few positions or positions
-    that cannot be remapped (an untrained model)."""
+    within the ratio sigma, of a model's reported positions on one movie of its training physics (``size`` x
+    ``size`` px frames, at least :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames and
+    :data:`BORDER_PAIRS_PER_SIDE` emitters near each frame border, 20 to :data:`EQUALISATION_MAX_FRAMES`
+    frames), predicted at ``threshold`` of the calibrated p. The equalisation is fitted on the positions
+    more than 1 px from every border, its :class:`BorderResponse` on the matched emitters near the borders.
+    Each is None, with a warning, when the movie gives too few positions or positions that cannot be
+    remapped (an untrained model)."""
 
     chip = getattr(exported.camera, "map_shape", None)
     if chip is not None:  # the movie must fit on the chip of full-chip sCMOS maps
         size = min(size, *chip)
     sim, camera = _tuning_physics(exported, exported.simulation_config, size, size)
-    n_frames = int(min(1000, max(20, math.ceil(EQUALISATION_EMITTER_FRAMES / max(_emitters_per_frame(sim), 1e-9)))))
+    per_frame = max(_emitters_per_frame(sim), 1e-9)
+    near_border = per_frame * min(1.0, BorderResponse.REACH_PX / size)  # of one side, per frame
+    n_frames = int(min(EQUALISATION_MAX_FRAMES, max(20, math.ceil(EQUALISATION_EMITTER_FRAMES / per_frame),
+                                                    math.ceil(BORDER_PAIRS_PER_SIDE / near_border))))
     post = PostProcessor(threshold=threshold, px_size_nm=exported.px_size_nm, dye_table=exported.dye_table,
                          calibration=calibration)
     with tempfile.TemporaryDirectory(prefix="decode_accel_equalisation_") as tmp:
@@ -415,12 +426,27 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     lo, hi = sim.emitters.z_range
     three_d = sim.psf.kind != "gaussian" and hi > lo
     gi, pi = match_localizations(movie.truth, table, use_z=three_d)
+    x_all, y_all = table["x"].to_numpy() / px, table["y"].to_numpy() / px
+    height, width = sim.frame.height, sim.frame.width
+    # the outermost pixels have a distortion of their own (BorderResponse), kept out of the interior's fit
+    inside = (x_all >= 1) & (x_all < width - 1) & (y_all >= 1) & (y_all < height - 1)
+    true_xy = np.stack([movie.truth["x"].to_numpy()[gi], movie.truth["y"].to_numpy()[gi]], axis=1) / px
     try:
-        equalisation = SubpixelEqualisation.fit(table["x"].to_numpy() / px, table["y"].to_numpy() / px)
-        # the network's constant offset, measured on the remapped positions of the matched emitters
-        x, y, _, _ = equalisation(table["x"].to_numpy()[pi] / px, table["y"].to_numpy()[pi] / px)
-        offset = (np.mean(x - movie.truth["x"].to_numpy()[gi] / px), np.mean(y - movie.truth["y"].to_numpy()[gi] / px))
-        equalisation = equalisation.with_offset(offset) if len(gi) else equalisation
+        equalisation = SubpixelEqualisation.fit(x_all[inside], y_all[inside])
+        # the network's constant offset, measured on the remapped positions of the matched emitters inside
+        x, y, _, _ = equalisation(x_all[pi], y_all[pi])
+        matched_inside = inside[pi]
+        if matched_inside.any():
+            offset = (np.mean(x[matched_inside] - true_xy[matched_inside, 0]),
+                      np.mean(y[matched_inside] - true_xy[matched_inside, 1]))
+            equalisation = equalisation.with_offset(offset)
+        x, y, _, _ = equalisation(x_all[pi], y_all[pi])
+        border = BorderResponse.fit(true_xy, np.stack([x, y], axis=1), height, width,
+                                    int(getattr(exported.model, "size_multiple", 1)))
+        if border is None:
+            logger.warning("border maps skipped: fewer than %d matched emitters near each frame border",
+                           BorderResponse.MIN_PAIRS)
+        equalisation = equalisation.with_border(border)
     except DecodeAccelError as err:
         logger.warning("sub-pixel equalisation skipped: %s", err)
     if three_d:

@@ -106,7 +106,10 @@ def test_the_operating_point_stores_an_equalisation_that_undoes_a_models_griddin
                                        y=100.0 * gridded(truth["y"].to_numpy() / 100.0, 0.04) + 2.0, prob=0.9)
 
     monkeypatch.setattr(pipeline, "predict", gridded_predict)
-    monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 8000)
+    # 16 000 emitter-frames of 64 x 64 px frames: the fitted coefficients' noise (~sqrt(2 / n)) stays well
+    # below the pull's harmonics
+    monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 16_000)
+    monkeypatch.setattr(pipeline, "BORDER_PAIRS_PER_SIDE", 100)  # no border maps needed here: a short movie
     point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
     eq = load_exported(export).operating_point["subpixel_equalisation"]
     assert eq == point["subpixel_equalisation"]
@@ -156,6 +159,7 @@ def test_the_operating_point_scales_a_too_wide_ratio_sigma_to_68_percent_coverag
 
     monkeypatch.setattr(pipeline, "predict", wide_sigma_predict)
     monkeypatch.setattr(pipeline, "EQUALISATION_EMITTER_FRAMES", 8000)
+    monkeypatch.setattr(pipeline, "BORDER_PAIRS_PER_SIDE", 100)  # no border maps needed here: a short movie
     point = pipeline.choose_operating_point(export, n_frames=40, height=32, width=32)
     assert point["ratio_sigma_scale"] == pytest.approx(0.25, rel=0.05)      # 0.01 / 0.04
     assert load_exported(export).operating_point["ratio_sigma_scale"] == point["ratio_sigma_scale"]
