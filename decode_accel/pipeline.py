@@ -277,8 +277,9 @@ TUNING_EMITTER_FRAMES = 2000
 #: positions resolves 1.5 % per bin), and the movie of 128 x 128 px frames predicts in about a minute
 EQUALISATION_EMITTER_FRAMES = 40_000
 #: expected true emitters within BorderResponse.REACH_PX of each frame border on that movie: 10 bins of true
-#: distance with ~200 each give each bin's mean error to ~1 nm (errors of ~15 nm)
-BORDER_PAIRS_PER_SIDE = 2000
+#: distance with ~150 each give each bin's mean error to ~1.5 nm (errors of ~15 nm), and the movie of a
+#: 0.5 emitters/µm² training physics (2300 frames) predicts in about as long as the 128 x 128 px one before
+BORDER_PAIRS_PER_SIDE = 1500
 #: the longest equalisation movie (frames of 64 x 64 px, about a minute to predict on 2 CPU cores)
 EQUALISATION_MAX_FRAMES = 4000
 #: a model that finds fewer emitters than this Jaccard index on the tuning movie is not worth the

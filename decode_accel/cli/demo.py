@@ -62,6 +62,9 @@ def demo_main(argv: list[str]) -> int:
     print("largest mean error in a tenth of a pixel (nm): " + ", ".join(
         f"{a} {np.nanmax(np.abs(r['bias'])):.2f} ({r['largest_z']:.1f} standard errors)"
         for a, r in grid["bias_by_subpixel"].items()))
+    print("mean error at the frame border (nm): " + ", ".join(
+        f"{a} {side} {r['bias']:+.1f} ± {r['standard_error']:.1f}" for a, sides in grid["bias_at_border"].items()
+        for side, r in sides.items() if side != "inside"))
     refresh_model_card(history["export_dir"], result, movie, config)
     write_json({"history": {k: v for k, v in history.items() if k != "learning_curve"}, "assess": result},
                out / "metrics.json")
