@@ -201,3 +201,22 @@ def test_the_bias_of_emitters_in_the_outermost_pixels_is_measured_per_side():
         assert abs(r[axis][side]["bias"]) < tol, (axis, side)
     assert r["x"]["left"]["count"] == pytest.approx(n / size, rel=0.15)
     assert r["x"]["left"]["standard_error"] == pytest.approx(5.0 / np.sqrt(r["x"]["left"]["count"]), rel=0.5)
+
+
+def test_the_two_sample_gridding_test_is_the_chi2_test_of_homogeneity_and_tells_a_ripple_from_noise():
+    from scipy.stats import chi2_contingency
+    from decode_accel.evaluation.diagnostics import subpixel_two_sample
+
+    rng = np.random.default_rng(13)
+    px = 100.0
+    truth = rng.uniform(0, 6400, 100_000)
+    noisy = truth + rng.normal(0, 10.0, truth.size)            # estimates of the same positions, no gridding
+    rippled = 100.0 * gridded(truth / 100.0, 0.01) + rng.normal(0, 10.0, truth.size)  # a 1 nm pull to pixel centres
+    for pred in (noisy, rippled):
+        r = subpixel_two_sample(pred, truth, px)
+        table = [np.histogram(np.mod(v / px, 1.0), bins=10, range=(0, 1))[0] for v in (pred, truth)]
+        expected = chi2_contingency(np.array(table), correction=False)
+        assert r["chi2"] == pytest.approx(expected.statistic, rel=1e-9) and r["dof"] == expected.dof == 9
+        assert r["p_value"] == pytest.approx(expected.pvalue, rel=1e-6, abs=1e-300)
+    assert subpixel_two_sample(noisy, truth, px)["p_value"] > 0.01
+    assert subpixel_two_sample(rippled, truth, px)["p_value"] < 1e-6
