@@ -41,7 +41,8 @@ def test_the_gridding_report_covers_both_axes_of_prediction_and_truth():
     rng = np.random.default_rng(1)
     table = pd.DataFrame({"frame": np.zeros(500, int), "x": rng.uniform(0, 3200, 500), "y": rng.uniform(0, 3200, 500)})
     rep = gridding_report(table, table, PX)
-    assert set(rep) == {"pred_x", "pred_y", "truth_x", "truth_y"}
+    assert set(rep) == {"pred_x", "pred_y", "truth_x", "truth_y", "pred_vs_truth_x", "pred_vs_truth_y"}
+    assert rep["pred_vs_truth_x"]["chi2"] == 0.0 and rep["pred_vs_truth_x"]["p_value"] == 1.0  # the same positions
 
 
 def _detections(n_real_per_bin, n_fake_per_bin, probs):

@@ -83,6 +83,8 @@ def subpixel_two_sample(pred_nm: np.ndarray, truth_nm: np.ndarray, px_size_nm: f
     a, b = np.sqrt(n_truth / n_pred), np.sqrt(n_pred / n_truth)
     chi2 = float(np.sum((a * counts[0][keep] - b * counts[1][keep]) ** 2 / both[keep]))
     dof = int(keep.sum()) - 1
+    if dof < 1:  # every position in one bin: nothing to compare
+        return {"chi2": float("nan"), "dof": dof, "p_value": float("nan"), "chi2_per_dof": float("nan")}
     return {"chi2": chi2, "dof": dof, "p_value": float(stats.chi2.sf(chi2, dof)), "chi2_per_dof": chi2 / dof}
 
 
