@@ -56,8 +56,8 @@ from decode_accel.pipeline import write_json  # noqa: E402
 from decode_accel.training.builders import build_loaders  # noqa: E402
 from decode_accel.training.hooks import Hook  # noqa: E402
 from decode_accel.training.monitor import TrainingMonitor  # noqa: E402
-from training_speed import scenario_config  # noqa: E402
 from decode_accel.training.trainer import build_trainer  # noqa: E402
+from training_speed import scenario_config  # noqa: E402
 
 #: (name, processes, threads per process), in the order they alternate
 CONFIGURATIONS = (("1p x 1t", 1, 1), ("1p x 2t", 1, 2), ("2p x 1t", 2, 1))
@@ -113,8 +113,8 @@ def train_one_rank(*, preset: str, frame: int, batch: int, updates: int, warmup:
     is torch's intra-op thread count of this process. Returns what it wrote.
     """
     torch.set_num_threads(threads)
-    config = scenario_config(preset, frame=frame, batch=batch, workers=0,
-                                                      micro_batches=warmup + updates, log_dir=out_dir / "logs")
+    config = scenario_config(preset, frame=frame, batch=batch, workers=0, micro_batches=warmup + updates,
+                             log_dir=out_dir / "logs")
     trainer = build_trainer(config, cpu=True, mixed_precision="no")
     built_at = time.time()
     acc = trainer.accelerator

@@ -441,7 +441,7 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
             offset = (np.mean(x[matched_inside] - true_xy[matched_inside, 0]),
                       np.mean(y[matched_inside] - true_xy[matched_inside, 1]))
             equalisation = equalisation.with_offset(offset)
-        x, y, _, _ = equalisation(x_all[pi], y_all[pi])
+            x, y = x - equalisation.offset[0], y - equalisation.offset[1]  # what the equalisation now gives
         border = BorderResponse.fit(true_xy, np.stack([x, y], axis=1), height, width,
                                     int(getattr(exported.model, "size_multiple", 1)))
         if border is None:

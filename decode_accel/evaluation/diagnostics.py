@@ -71,20 +71,19 @@ def subpixel_two_sample(pred_nm: np.ndarray, truth_nm: np.ndarray, px_size_nm: f
     comparing two noisy chi2 values says nothing when they are close. The test compares the predictions
     with the positions they estimate.
 
-    Returns {"chi2", "dof": bins - 1, "p_value", "chi2_per_dof"} (NaN with fewer than ``5 * bins`` of either).
+    Returns {"chi2", "dof": non-empty bins - 1, "p_value", "chi2_per_dof"} (NaN with fewer than ``5 * bins`` of
+    either, or with every position in one bin).
     """
     counts = [np.asarray(subpixel_uniformity(v, px_size_nm, bins)["counts"], dtype=np.float64)
               for v in (pred_nm, truth_nm)]
     n_pred, n_truth = (float(c.sum()) for c in counts)
-    if min(n_pred, n_truth) < 5 * bins:
-        return {"chi2": float("nan"), "dof": bins - 1, "p_value": float("nan"), "chi2_per_dof": float("nan")}
     both = counts[0] + counts[1]
     keep = both > 0
+    dof = int(keep.sum()) - 1
+    if min(n_pred, n_truth) < 5 * bins or dof < 1:  # too few positions, or all in one bin: nothing to compare
+        return {"chi2": float("nan"), "dof": dof, "p_value": float("nan"), "chi2_per_dof": float("nan")}
     a, b = np.sqrt(n_truth / n_pred), np.sqrt(n_pred / n_truth)
     chi2 = float(np.sum((a * counts[0][keep] - b * counts[1][keep]) ** 2 / both[keep]))
-    dof = int(keep.sum()) - 1
-    if dof < 1:  # every position in one bin: nothing to compare
-        return {"chi2": float("nan"), "dof": dof, "p_value": float("nan"), "chi2_per_dof": float("nan")}
     return {"chi2": chi2, "dof": dof, "p_value": float(stats.chi2.sf(chi2, dof)), "chi2_per_dof": chi2 / dof}
 
 

@@ -461,31 +461,31 @@ class BorderResponse:
     def __call__(self, x_px: np.ndarray, y_px: np.ndarray, height: int, width: int):
         """Positions (px) with the border maps applied, and the slopes along x and y (to scale sigmas by)."""
         x, y = np.array(x_px, dtype=np.float64), np.array(y_px, dtype=np.float64)
-        slope_x, slope_y = np.ones_like(x), np.ones_like(y)
-        fits = {"left": True, "top": True, "right": width % self.size_multiple == 0,
-                "bottom": height % self.size_multiple == 0}
+        slope = {"x": np.ones_like(x), "y": np.ones_like(y)}
+        out = {"x": x.copy(), "y": y.copy()}
         distance = self.distances(x, y, height, width)
         fade = 1.0 / (self.REACH_PX - 1.0)
         for side, m in self.sides.items():
+            axis, from_far_end = _BORDER_GEOMETRY[side]
+            size = width if axis == "x" else height
+            if from_far_end and size % self.size_multiple:
+                continue  # predict pads this border by edge replication: not the border the map was fitted on
             d = distance[side]
-            near = (d < self.REACH_PX) & fits[side]
+            near = d < self.REACH_PX
             if not near.any():
                 continue
             dn = d[near]
-            mapped, slope = m(dn)
+            mapped, map_slope = m(dn)
             weight = np.clip((self.REACH_PX - dn) * fade, 0.0, 1.0)
             d_weight = np.where((dn > 1.0) & (dn < self.REACH_PX), -fade, 0.0)
             new_d = dn + weight * (mapped - dn)
-            new_slope = 1.0 + weight * (slope - 1.0) + d_weight * (mapped - dn)
-            if side == "left":
-                x[near], slope_x[near] = new_d, slope_x[near] * new_slope
-            elif side == "right":
-                x[near], slope_x[near] = width - new_d, slope_x[near] * new_slope
-            elif side == "top":
-                y[near], slope_y[near] = new_d, slope_y[near] * new_slope
-            else:
-                y[near], slope_y[near] = height - new_d, slope_y[near] * new_slope
-        return x, y, slope_x, slope_y
+            out[axis][near] = size - new_d if from_far_end else new_d
+            slope[axis][near] *= 1.0 + weight * (map_slope - 1.0) + d_weight * (mapped - dn)
+        return out["x"], out["y"], slope["x"], slope["y"]
+
+
+#: side -> (the axis it bounds, whether its distance is measured from the far end: width - x, height - y)
+_BORDER_GEOMETRY = {"left": ("x", False), "right": ("x", True), "top": ("y", False), "bottom": ("y", True)}
 
 
 class Dye(StrictModel):
