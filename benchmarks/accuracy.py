@@ -56,13 +56,19 @@ SCENARIOS = {
 #: 20 min per scenario on a 2-core machine
 CPU_BENCHMARK_UPDATES = 2400
 
+#: emitter-frames of the movie the position corrections are fitted on: a 3000-frame test movie at 1/µm² holds
+#: ~120 000 positions, enough to resolve the sub-pixel ripple that the default fit (40 000, noise ~1 % per
+#: Fourier coefficient) leaves; with four times as many the fit's noise stays below what the test resolves.
+#: About 1.5 (1/µm²) to 2.5 (0.5/µm²) minutes of inference on 2 CPU cores
+EQUALISATION = ["operating_point.equalisation_emitter_frames=160000"]
+
 BUDGETS = {
     # small network, small training frames: what 2 CPU cores can train in minutes
     # pipeline.CPU_TRAINING_OVERRIDES; low-density scenarios train at pipeline.MIN_TRAIN_DENSITY
-    "cpu": dict(overrides=pipeline.CPU_TRAINING_OVERRIDES, updates=CPU_BENCHMARK_UPDATES,
+    "cpu": dict(overrides=pipeline.CPU_TRAINING_OVERRIDES + EQUALISATION, updates=CPU_BENCHMARK_UPDATES,
                 min_train_density=pipeline.MIN_TRAIN_DENSITY, minutes=None, test_frames=3000, tune_frames=60, cpu=True),
     # the scenario files unchanged (DECODE-size network); meant for one GPU
-    "gpu": dict(overrides=[], updates=None, min_train_density=None, minutes=None, test_frames=1000, tune_frames=200,
+    "gpu": dict(overrides=EQUALISATION, updates=None, min_train_density=None, minutes=None, test_frames=1000, tune_frames=200,
                 cpu=False),
     # smoke test only
     "tiny": dict(overrides=["model.preset=tiny", "simulation.frame.height=16", "simulation.frame.width=16",
@@ -147,8 +153,9 @@ def run_scenario(key: str, budget: dict, out_dir: Path, minutes: float | None, p
                              f"({', '.join(changes[:5])}); drop --reuse-models or use another --out")
         history["learning_curve"] = [tuple(p) for p in history["learning_curve"]]
         history["export_dir"] = run_dir / "export"
-        history["operating_point"] = pipeline.choose_operating_point(history["export_dir"],
-                                                                     simulation=test_config.simulation)
+        history["operating_point"] = pipeline.choose_operating_point(
+            history["export_dir"], simulation=test_config.simulation,
+            equalisation_emitter_frames=config.operating_point.equalisation_emitter_frames)
         print(f"reusing the model trained earlier in {run_dir} ({history['global_step']} updates)", flush=True)
     else:
         history = pipeline.train_model(config, run_dir, cpu=budget["cpu"], max_minutes=minutes, progress=True,

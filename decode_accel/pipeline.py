@@ -243,7 +243,9 @@ def train_model(config, run_dir: str | Path | None = None, *, cpu: bool | None =
     if config.operating_point.enable if operating_point is None else operating_point:
         tuning = target_simulation if target_simulation is not None else config.tuning_simulation()
         history["operating_point"] = _on_main_process(
-            acc, lambda: choose_operating_point(export_dir, simulation=tuning, n_frames=config.operating_point.frames))
+            acc, lambda: choose_operating_point(
+                export_dir, simulation=tuning, n_frames=config.operating_point.frames,
+                equalisation_emitter_frames=config.operating_point.equalisation_emitter_frames))
     return history
 
 
@@ -272,9 +274,11 @@ def _on_main_process(accelerator, work):
 #: expected true emitter-frames of a tuning movie: enough that a threshold's Jaccard index is known to ~1 %
 TUNING_EMITTER_FRAMES = 2000
 
-#: expected true emitter-frames of the sub-pixel equalisation movie: each Fourier coefficient of the
-#: sub-pixel density is then known to about sqrt(2 / 40000) = 0.7 % (a 10-bin histogram of 40000
-#: positions resolves 1.5 % per bin), and the movie of 128 x 128 px frames predicts in about a minute
+#: expected true emitter-frames of the sub-pixel equalisation movie (the default of
+#: ``operating_point.equalisation_emitter_frames``): each Fourier coefficient of the model's excess over the
+#: truth's sub-pixel density is then known to about 0.5 % (k = 1) to 1 % (k = 4), and the movie of a
+#: 0.5 emitters/µm² training physics predicts in about a minute. A held-out movie of more positions resolves
+#: finer ripples: the equalisation should have several times as many (the benchmark uses 160 000)
 EQUALISATION_EMITTER_FRAMES = 40_000
 #: expected true emitters within BorderResponse.REACH_PX of each frame border on that movie: 10 bins of true
 #: distance with ~150 each give each bin's mean error to ~1.5 nm (errors of ~15 nm), and the movie of a
@@ -289,7 +293,8 @@ EQUALISATION_MIN_JACCARD = 0.5
 
 def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = None, height: int = 64, width: int = 64,
                            simulation=None, seed: int | None = None, candidates=THRESHOLD_CANDIDATES,
-                           store: bool = True, subpixel: bool = True) -> dict:
+                           store: bool = True, subpixel: bool = True,
+                           equalisation_emitter_frames: int | None = None) -> dict:
     """Calibrate a model's detection probabilities and choose the threshold it is used at, on a tuning
     movie of its own training physics.
 
@@ -310,8 +315,9 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
 
     With ``subpixel`` (and a model that localizes: Jaccard index >= :data:`EQUALISATION_MIN_JACCARD` at
     the chosen threshold) the positions are then equalised within their pixel (:class:`SubpixelEqualisation`),
-    fitted on a second movie of the *training* physics (128 x 128 px frames, about
-    :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames, seed ``seed + 1``) predicted at the chosen
+    fitted on a second movie of the *training* physics (64 x 64 px frames, about
+    ``equalisation_emitter_frames`` emitter-frames (None: :data:`EQUALISATION_EMITTER_FRAMES`), seed
+    ``seed + 1``; see :func:`fit_position_corrections`) predicted at the chosen
     threshold: its denser emitters give the fit enough positions in a minute, and how a network places an
     emitter within a pixel is a property of its training, not of the density it is used at. For 3D the
     same movie, whose truth is known, gives the :class:`ZResponseCalibration` (mean network z against
@@ -360,7 +366,8 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
     corrections = {"subpixel_equalisation": None, "z_calibration": None, "ratio_sigma_scale": None}
     if subpixel and calibration is not None and best["jaccard"] >= EQUALISATION_MIN_JACCARD:
-        corrections = fit_position_corrections(exported, best["threshold"], calibration, seed + 1)
+        corrections = fit_position_corrections(exported, best["threshold"], calibration, seed + 1,
+                                               emitter_frames=equalisation_emitter_frames)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
                  probability_calibration=calibration.to_dict() if calibration is not None else None,
@@ -394,15 +401,17 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
 
 
 def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
-                             size: int = 64) -> dict:
+                             size: int = 64, emitter_frames: int | None = None) -> dict:
     """{"subpixel_equalisation", "z_calibration", "ratio_sigma_scale"} in their stored (dict) forms: the
     :class:`SubpixelEqualisation` (with the network's constant x, y offset), for 3D the
     :class:`ZResponseCalibration`, and for two channels the factor that makes 68.3 % of the ratio errors fall
     within the ratio sigma, of a model's reported positions on one movie of its training physics (``size`` x
-    ``size`` px frames, at least :data:`EQUALISATION_EMITTER_FRAMES` emitter-frames and
-    :data:`BORDER_PAIRS_PER_SIDE` emitters near each frame border, 20 to :data:`EQUALISATION_MAX_FRAMES`
-    frames), predicted at ``threshold`` of the calibrated p. The equalisation is fitted on the positions
-    more than 1 px from every border, its :class:`BorderResponse` on the matched emitters near the borders.
+    ``size`` px frames, at least ``emitter_frames`` (None: :data:`EQUALISATION_EMITTER_FRAMES`)
+    emitter-frames and :data:`BORDER_PAIRS_PER_SIDE` emitters near each frame border, 20 to
+    :data:`EQUALISATION_MAX_FRAMES` frames, a cap that grows in proportion when more emitter-frames are asked
+    for), predicted at ``threshold`` of the calibrated p. The equalisation is fitted on the matched emitters
+    more than 1 px from every border against their truth, its :class:`BorderResponse` on the matched emitters
+    near the borders.
     Each is None, with a warning, when the movie gives too few positions or positions that cannot be
     remapped (an untrained model)."""
 
@@ -412,8 +421,12 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     sim, camera = _tuning_physics(exported, exported.simulation_config, size, size)
     per_frame = max(_emitters_per_frame(sim), 1e-9)
     near_border = per_frame * min(1.0, BorderResponse.REACH_PX / size)  # of one side, per frame
-    n_frames = int(min(EQUALISATION_MAX_FRAMES, max(20, math.ceil(EQUALISATION_EMITTER_FRAMES / per_frame),
-                                                    math.ceil(BORDER_PAIRS_PER_SIDE / near_border))))
+    wanted = EQUALISATION_EMITTER_FRAMES if emitter_frames is None else int(emitter_frames)
+    if wanted < 1:
+        raise DecodeAccelError(f"the equalisation movie needs >= 1 emitter-frame, got {wanted}",
+                               field="operating_point.equalisation_emitter_frames", fix="use e.g. 40000")
+    most = EQUALISATION_MAX_FRAMES * max(1.0, wanted / EQUALISATION_EMITTER_FRAMES)
+    n_frames = int(min(most, max(20, math.ceil(wanted / per_frame), math.ceil(BORDER_PAIRS_PER_SIDE / near_border))))
     post = PostProcessor(threshold=threshold, px_size_nm=exported.px_size_nm, dye_table=exported.dye_table,
                          calibration=calibration)
     with tempfile.TemporaryDirectory(prefix="decode_accel_equalisation_") as tmp:
@@ -432,16 +445,18 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     # the outermost pixels have a distortion of their own (BorderResponse), kept out of the interior's fit
     inside = (x_all >= 1) & (x_all < width - 1) & (y_all >= 1) & (y_all < height - 1)
     true_xy = np.stack([movie.truth["x"].to_numpy()[gi], movie.truth["y"].to_numpy()[gi]], axis=1) / px
+    matched_inside = inside[pi]
     try:
-        equalisation = SubpixelEqualisation.fit(x_all[inside], y_all[inside])
+        # fitted on the matched pairs against their truth: the movie's own sub-pixel scatter is not fitted
+        equalisation = SubpixelEqualisation.fit(x_all[pi][matched_inside], y_all[pi][matched_inside],
+                                                true_x_px=true_xy[matched_inside, 0],
+                                                true_y_px=true_xy[matched_inside, 1])
         # the network's constant offset, measured on the remapped positions of the matched emitters inside
         x, y, _, _ = equalisation(x_all[pi], y_all[pi])
-        matched_inside = inside[pi]
-        if matched_inside.any():
-            offset = (np.mean(x[matched_inside] - true_xy[matched_inside, 0]),
-                      np.mean(y[matched_inside] - true_xy[matched_inside, 1]))
-            equalisation = equalisation.with_offset(offset)
-            x, y = x - equalisation.offset[0], y - equalisation.offset[1]  # what the equalisation now gives
+        offset = (np.mean(x[matched_inside] - true_xy[matched_inside, 0]),
+                  np.mean(y[matched_inside] - true_xy[matched_inside, 1]))
+        equalisation = equalisation.with_offset(offset)
+        x, y = x - equalisation.offset[0], y - equalisation.offset[1]  # what the equalisation now gives
         border = BorderResponse.fit(true_xy, np.stack([x, y], axis=1), height, width,
                                     int(getattr(exported.model, "size_multiple", 1)))
         if border is None:

@@ -34,6 +34,31 @@ def test_gridded_positions_come_back_to_the_truth_and_their_fractions_are_flat()
         assert rms_after < min(0.003, rms_before / 4)
 
 
+def test_a_fit_against_the_truth_removes_the_models_pull_but_not_the_movies_own_scatter():
+    # a finite movie's true fractions are not flat (an emitter stays on for frames at one position): here
+    # exaggerated to a density 1 + 0.2 cos(2 pi u). The model adds its pull on top. Fitted on the positions
+    # alone, the map flattens both and moves every position off its truth; fitted against the truth it
+    # undoes the pull only.
+    rng = np.random.default_rng(5)
+    n = 100_000
+    whole, u = rng.integers(0, 64, n), rng.uniform(0, 1, n)
+    u = u - 0.2 / (2 * np.pi) * np.sin(2 * np.pi * u)    # inverse CDF to first order: density 1 + 0.2 cos
+    truth_x, truth_y = whole + u, rng.uniform(0, 64, n)
+    assert subpixel_uniformity(truth_x, 1.0)["chi2_per_dof"] > 100       # the movie's own scatter, exaggerated
+    x, y = gridded(truth_x), gridded(truth_y, pull=-0.02)
+    paired = SubpixelEqualisation.fit(x, y, true_x_px=truth_x, true_y_px=truth_y)
+    alone = SubpixelEqualisation.fit(x, y)
+    for eq, worst in ((paired, 0.003), (alone, None)):
+        ex, ey, _, _ = eq(x, y)
+        rms_x, rms_y = np.sqrt(np.mean((ex - truth_x) ** 2)), np.sqrt(np.mean((ey - truth_y) ** 2))
+        if worst is not None:
+            assert rms_x < worst and rms_y < worst      # back where the emitters are (the pull was 0.02-0.03 px)
+        else:
+            assert rms_x > 0.01 > rms_y                 # flattened the truth's own 0.2 as well: off by 0.02 px
+    with pytest.raises(DecodeAccelError, match="one true position per position"):
+        SubpixelEqualisation.fit(x, y, true_x_px=truth_x[:10], true_y_px=truth_y[:10])
+
+
 def test_the_map_moves_no_position_on_average_and_leaves_uniform_positions_nearly_alone():
     rng = np.random.default_rng(1)
     truth = rng.uniform(0, 64, 50_000)
@@ -220,3 +245,28 @@ def test_the_two_sample_gridding_test_is_the_chi2_test_of_homogeneity_and_tells_
         assert r["p_value"] == pytest.approx(expected.pvalue, rel=1e-6, abs=1e-300)
     assert subpixel_two_sample(noisy, truth, px)["p_value"] > 0.01
     assert subpixel_two_sample(rippled, truth, px)["p_value"] < 1e-6
+
+
+def test_the_equalisation_movie_is_as_long_as_the_emitter_frames_asked_for(monkeypatch):
+    from decode_accel.training.config import TrainingConfig
+
+    export = type("Export", (), {"camera": None, "simulation_config": sim_config(),
+                                                      "px_size_nm": 100.0, "dye_table": None})()
+    lengths = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(sim, n_frames, seed, out_dir, name="test"):
+        lengths.append((n_frames, sim.frame.height, sim.frame.width))
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "simulate_held_out_movie", spy)
+    for asked in (None, 100_000):
+        with pytest.raises(Stop):
+            pipeline.fit_position_corrections(export, 0.5, None, seed=1, emitter_frames=asked)
+    # 1 emitter/µm² on 64 x 64 px of 100 nm: 40.96 per frame. The default's 40 000 need 977 frames, but the
+    # 1500 emitters near each border need 1172; 100 000 need 2442 (under the cap, raised to 4000 * 2.5)
+    assert lengths == [(1172, 64, 64), (2442, 64, 64)]
+    with pytest.raises(Exception, match="equalisation_emitter_frames"):
+        TrainingConfig(operating_point={"equalisation_emitter_frames": 100})

@@ -186,7 +186,8 @@ class SubpixelEqualisation(_StoredCorrection):
     position within the pixel are invisible in an RMSE, but they pile positions up inside pixels and show
     as a grid in a super-resolution image (DECODE users reported it, TuragaLab/DECODE#132). The emitters'
     true sub-pixel fractions are uniform, so the map that makes the reported fractions uniform undoes the
-    pile-up without knowing the truth.
+    pile-up; it can be fitted without knowing the truth, and more precisely with it (the model's excess
+    over the truth's own fractions, see :meth:`fit`).
 
     The density of the reported fractions u in [0, 1) is summarised by ``harmonics`` Fourier terms,
     f(u) = 1 + sum_k a_k cos(2 pi k u) + b_k sin(2 pi k u), and u goes to F(u) - c, with F the
@@ -243,21 +244,38 @@ class SubpixelEqualisation(_StoredCorrection):
         return len(self.x) // 2
 
     @classmethod
-    def fit(cls, x_px: np.ndarray, y_px: np.ndarray, harmonics: int = 3) -> "SubpixelEqualisation":
-        """The equalisation of the positions ``x_px``, ``y_px`` (px, image origin at the top-left corner):
-        the Fourier coefficients of their sub-pixel density, 2 <cos(2 pi k u)> and 2 <sin(2 pi k u)>; no
-        offset (see :meth:`with_offset`)."""
+    def fit(cls, x_px: np.ndarray, y_px: np.ndarray, harmonics: int = 4, *, true_x_px: np.ndarray | None = None,
+            true_y_px: np.ndarray | None = None) -> "SubpixelEqualisation":
+        """The equalisation of the positions ``x_px``, ``y_px`` (px, image origin at the top-left corner): the
+        Fourier coefficients of their sub-pixel density, 2 <cos(2 pi k u)> and 2 <sin(2 pi k u)>, k = 1 ..
+        ``harmonics``; no offset (see :meth:`with_offset`).
+
+        With ``true_x_px``, ``true_y_px`` (the true positions of the same emitters, one per position) the
+        coefficients are those of the positions minus those of their truth: the map then removes what the
+        model adds to the emitters' sub-pixel distribution and not the finite movie's own departure from
+        uniform. That departure is the larger noise: an emitter stays on for several frames at one position,
+        so a movie's true fractions scatter ~2.5 times as much as independent ones would, while the
+        difference of a position and its truth (an error of a tenth of a pixel, new in every frame) scatters
+        less."""
         x, y = np.asarray(x_px, dtype=np.float64), np.asarray(y_px, dtype=np.float64)
         if len(x) < cls.MIN_POSITIONS:
             raise DecodeAccelError(f"{len(x)} positions are too few to equalise sub-pixel fractions "
                                    f"(need >= {cls.MIN_POSITIONS})", field="subpixel_equalisation",
                                    fix="use a longer or denser equalisation movie")
+        if (true_x_px is None) != (true_y_px is None):
+            raise DecodeAccelError("true_x_px and true_y_px go together", field="subpixel_equalisation")
 
         def coefficients(v):
-            u = 2 * np.pi * np.mod(v, 1.0)
+            u = 2 * np.pi * np.mod(np.asarray(v, dtype=np.float64), 1.0)
             return np.ravel([[2 * np.mean(np.cos(k * u)), 2 * np.mean(np.sin(k * u))]
                              for k in range(1, harmonics + 1)])
-        return cls(coefficients(x), coefficients(y))
+        cx, cy = coefficients(x), coefficients(y)
+        if true_x_px is not None:
+            if not (np.shape(true_x_px) == np.shape(true_y_px) == x.shape == y.shape):
+                raise DecodeAccelError("a paired sub-pixel equalisation needs one true position per position",
+                                       field="subpixel_equalisation", fix="pass the matched pairs only")
+            cx, cy = cx - coefficients(true_x_px), cy - coefficients(true_y_px)
+        return cls(cx, cy)
 
     def with_offset(self, offset_px: Sequence[float]) -> "SubpixelEqualisation":
         """The same remap followed by subtracting ``offset_px`` (x, y; px), the mean error of the remapped

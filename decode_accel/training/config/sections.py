@@ -435,6 +435,12 @@ class OperatingPointConfig(StrictModel):
                                            "threshold and the network's own probabilities")
     frames: Optional[int] = Field(None, ge=1, description="frames of the 64 x 64 px tuning movie (count); null: "
                                                           "enough for about 2000 true emitter-frames (100 to 500)")
+    equalisation_emitter_frames: Optional[int] = Field(
+        None, ge=2000, description="true emitter-frames of the movie of the training physics that the position "
+                                   "corrections (sub-pixel equalisation, border maps, z calibration) are fitted "
+                                   "on (count); null: 40000, about a minute of inference. A held-out movie with "
+                                   "more positions than this resolves the fit's own noise as a ripple: use "
+                                   "several times the positions you will judge gridding on")
     simulation: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the simulation section for the tuning movie, nested or "
                                           "dotted (e.g. emitters.density): the physics the model is meant for "
