@@ -319,9 +319,10 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     ``equalisation_emitter_frames`` emitter-frames (None: :data:`EQUALISATION_EMITTER_FRAMES`), seed
     ``seed + 1``; see :func:`fit_position_corrections`) predicted at the chosen
     threshold: its denser emitters give the fit enough positions in a minute, and how a network places an
-    emitter within a pixel is a property of its training, not of the density it is used at. For 3D the
-    same movie, whose truth is known, gives the :class:`ZResponseCalibration` (mean network z against
-    true z over the training range).
+    emitter within a pixel is a property of its training, not of the density it is used at. Its emitters
+    span the z range of ``simulation`` (the physics the model is meant for), not a training range widened
+    beyond it. For 3D the same movie, whose truth is known, gives the :class:`ZResponseCalibration` (mean
+    network z against true z over that range).
 
     Returns:
         {"threshold", "jaccard", "precision", "recall" at it (emitter-frames >= 25 % of the mean photons),
@@ -366,8 +367,10 @@ def choose_operating_point(export_dir: str | Path, *, n_frames: int | None = Non
     best = max(rows, key=lambda r: (r["jaccard"], -abs(r["threshold"] - 0.5)))
     corrections = {"subpixel_equalisation": None, "z_calibration": None, "ratio_sigma_scale": None}
     if subpixel and calibration is not None and best["jaccard"] >= EQUALISATION_MIN_JACCARD:
+        # the training physics (density: more positions), over the z range the model is meant for
         corrections = fit_position_corrections(exported, best["threshold"], calibration, seed + 1,
-                                               emitter_frames=equalisation_emitter_frames)
+                                               emitter_frames=equalisation_emitter_frames,
+                                               z_range=None if simulation is None else simulation.emitters.z_range)
     where = "training" if simulation is None else "target"
     point = dict(best, tuning_seed=seed, density=density, candidates=rows,
                  probability_calibration=calibration.to_dict() if calibration is not None else None,
@@ -401,7 +404,8 @@ def _tuning_physics(exported, sim_config, height: int, width: int):
 
 
 def fit_position_corrections(exported, threshold: float, calibration: ProbabilityCalibration, seed: int,
-                             size: int = 64, emitter_frames: int | None = None) -> dict:
+                             size: int = 64, emitter_frames: int | None = None,
+                             z_range: tuple[float, float] | None = None) -> dict:
     """{"subpixel_equalisation", "z_calibration", "ratio_sigma_scale"} in their stored (dict) forms: the
     :class:`SubpixelEqualisation` (with the network's constant x, y offset), for 3D the
     :class:`ZResponseCalibration`, and for two channels the factor that makes 68.3 % of the ratio errors fall
@@ -411,14 +415,22 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     :data:`EQUALISATION_MAX_FRAMES` frames, a cap that grows in proportion when more emitter-frames are asked
     for), predicted at ``threshold`` of the calibrated p. The equalisation is fitted on the matched emitters
     more than 1 px from every border against their truth, its :class:`BorderResponse` on the matched emitters
-    near the borders.
-    Each is None, with a warning, when the movie gives too few positions or positions that cannot be
+    near the borders. ``z_range`` (nm): the emitters' z range on that movie (None: the training physics'); pass
+    the range the model is meant for when it was trained on a wider one (``TRAIN_Z_MARGIN``): the
+    corrections must describe the positions it will report, and defocused emitters beyond that range are
+    placed differently at the frame border (maps fitted on them moved border positions outwards by up to
+    25 nm on a validation movie of scenario (c)). Each is None, with a warning, when the movie gives too few positions or positions that cannot be
     remapped (an untrained model)."""
 
     chip = getattr(exported.camera, "map_shape", None)
     if chip is not None:  # the movie must fit on the chip of full-chip sCMOS maps
         size = min(size, *chip)
-    sim, camera = _tuning_physics(exported, exported.simulation_config, size, size)
+    sim_config = exported.simulation_config
+    if z_range is not None:
+        data = sim_config.model_dump()
+        data["emitters"]["z_range"] = [float(z_range[0]), float(z_range[1])]
+        sim_config = type(sim_config).model_validate(data)
+    sim, camera = _tuning_physics(exported, sim_config, size, size)
     per_frame = max(_emitters_per_frame(sim), 1e-9)
     near_border = per_frame * min(1.0, BorderResponse.REACH_PX / size)  # of one side, per frame
     wanted = EQUALISATION_EMITTER_FRAMES if emitter_frames is None else int(emitter_frames)

@@ -270,3 +270,43 @@ def test_the_equalisation_movie_is_as_long_as_the_emitter_frames_asked_for(monke
     assert lengths == [(1172, 64, 64), (2442, 64, 64)]
     with pytest.raises(Exception, match="equalisation_emitter_frames"):
         TrainingConfig(operating_point={"equalisation_emitter_frames": 100})
+
+
+def test_the_position_corrections_are_fitted_over_the_z_range_the_model_is_meant_for(tmp_path, monkeypatch):
+    # a model trained on z in [-750, 750] nm but meant for [-500, 500]: its corrections must describe the
+    # positions it will report, so their movie spans the target's range (at the training density)
+    training = sim_config().model_copy(update={"emitters": sim_config().emitters.model_copy(
+        update={"z_range": (-750.0, 750.0), "density": 0.5})})
+    target = training.model_copy(update={"emitters": training.emitters.model_copy(
+        update={"z_range": (-500.0, 500.0), "density": 0.1})})
+    export = export_model(tmp_path / "e", noisy_model(), simulation_config=training)
+
+    def perfect_predict(model, tiff, threshold=None, postprocessor=None, **kwargs):
+        truth = read_table(str(tiff).replace(".tif", "_truth.csv"))
+        return truth[["frame", "x", "y", "z"]].assign(prob=0.9)
+
+    asked = {}
+
+    def spy(exported, threshold, calibration, seed, **kwargs):
+        asked.update(kwargs)
+        return {"subpixel_equalisation": None, "z_calibration": None, "ratio_sigma_scale": None}
+
+    monkeypatch.setattr(pipeline, "predict", perfect_predict)
+    monkeypatch.setattr(pipeline, "fit_position_corrections", spy)
+    pipeline.choose_operating_point(export, n_frames=60, simulation=target, store=False)
+    assert tuple(asked["z_range"]) == (-500.0, 500.0)
+
+    simulated = []
+
+    class Stop(Exception):
+        pass
+
+    def record(sim, n_frames, seed, out_dir, name="test"):
+        simulated.append(sim)
+        raise Stop
+
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "simulate_held_out_movie", record)
+    with pytest.raises(Stop):
+        pipeline.fit_position_corrections(load_exported(export), 0.5, None, seed=1, z_range=(-500.0, 500.0))
+    assert tuple(simulated[0].emitters.z_range) == (-500.0, 500.0) and simulated[0].emitters.density == 0.5
