@@ -419,8 +419,8 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
     the range the model is meant for when it was trained on a wider one (``TRAIN_Z_MARGIN``): the
     corrections must describe the positions it will report, and defocused emitters beyond that range are
     placed differently at the frame border (maps fitted on them moved border positions outwards by up to
-    25 nm on a validation movie of scenario (c)). Each is None, with a warning, when the movie gives too few positions or positions that cannot be
-    remapped (an untrained model)."""
+    25 nm on a validation movie of scenario (c)). Each is None, with a warning, when the movie gives too few
+    positions or positions that cannot be remapped (an untrained model)."""
 
     chip = getattr(exported.camera, "map_shape", None)
     if chip is not None:  # the movie must fit on the chip of full-chip sCMOS maps
