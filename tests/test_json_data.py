@@ -23,7 +23,8 @@ def test_json_data_has_null_for_non_finite_numbers_and_plain_values_for_numpy_to
     out = to_json_data(data)
     assert out == {"nan": None, "inf": None, "f64": 0.25, "i64": 3, "flag": True, "vector": [1.0, None],
                    "scalar": 2.5, "array": [[0, 1], [2, 3]], "tuple": [1, [2, None]], "set": [7], "path": "/a/b",
-                   "1": "int key", "section": {"enable": True, "frames": None, "simulation": {}}}
+                   "1": "int key", "section": {"enable": True, "frames": None, "equalisation_emitter_frames": None,
+                                               "simulation": {}}}
     assert type(out["f64"]) is float and type(out["i64"]) is int and type(out["flag"]) is bool
     json.dumps(out, allow_nan=False)  # strict JSON
 
