@@ -52,7 +52,7 @@ SCENARIOS = {
     "d_high": "d_two_channel_high_density",
 }
 
-#: optimizer updates per scenario of the cpu budget: twice the main job's (pipeline.DEMO_UPDATES), about
+#: optimizer updates per scenario of the cpu budget: 2.4 times the main job's (pipeline.DEMO_UPDATES), about
 #: 20 min per scenario on a 2-core machine
 CPU_BENCHMARK_UPDATES = 2400
 
