@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from decode_accel.data.stream import apply_overrides
 from decode_accel.errors import DecodeAccelError
 from decode_accel.evaluation import AstigmaticPSF, GaussianPSF, crlb_ratio, evaluate
 from decode_accel.evaluation.diagnostics import (WITHIN_ONE_SIGMA, bias_by_true_value, detection_reliability, gridding_report,
@@ -427,9 +428,8 @@ def fit_position_corrections(exported, threshold: float, calibration: Probabilit
         size = min(size, *chip)
     sim_config = exported.simulation_config
     if z_range is not None:
-        data = sim_config.model_dump()
-        data["emitters"]["z_range"] = [float(z_range[0]), float(z_range[1])]
-        sim_config = type(sim_config).model_validate(data)
+        sim_config = apply_overrides(sim_config, {"emitters.z_range": [float(z_range[0]), float(z_range[1])]},
+                                     where="z_range")
     sim, camera = _tuning_physics(exported, sim_config, size, size)
     per_frame = max(_emitters_per_frame(sim), 1e-9)
     near_border = per_frame * min(1.0, BorderResponse.REACH_PX / size)  # of one side, per frame

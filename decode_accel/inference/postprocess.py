@@ -453,7 +453,9 @@ class BorderResponse:
     @staticmethod
     def distances(x_px: np.ndarray, y_px: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
         """Distance (px) of each position from each frame border."""
-        return {"left": x_px, "right": width - x_px, "top": y_px, "bottom": height - y_px}
+        values, sizes = {"x": x_px, "y": y_px}, {"x": width, "y": height}
+        return {side: sizes[axis] - values[axis] if from_far_end else values[axis]
+                for side, (axis, from_far_end) in _BORDER_GEOMETRY.items()}
 
     @classmethod
     def fit(cls, true_xy: np.ndarray, predicted_xy: np.ndarray, height: int, width: int,
